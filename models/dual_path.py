@@ -1,0 +1,54 @@
+"""The dual-path network: image CNN + text CNN + ONE shared classifier W (spec 6.1).
+
+Both paths are classified into the N instance classes by the same ``nn.Linear(2048, N)`` module, so W is one tensor
+and its gradient is the sum of the gradients of the image and the text instance losses. Dropping the sharing (two
+classifiers) is exactly what the paper warns against: the two feature spaces would drift apart.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .image_cnn import ImageCNN
+from .text_cnn import TextCNN
+
+
+class DualPath(nn.Module):
+    def __init__(self, image: ImageCNN, text: TextCNN, num_classes: int, classifier_bias: bool = True) -> None:
+        super().__init__()
+        self.image, self.text = image, text
+        dim = text.fc.out_features
+        self.classifier = nn.Linear(dim, num_classes, bias=classifier_bias)  # the shared W
+        with torch.no_grad():  # spec 7.2: 0.1 x Uniform(+-sqrt(3/2048)), bias 0
+            bound = 0.1 * math.sqrt(3.0 / dim)
+            self.classifier.weight.uniform_(-bound, bound)
+            if classifier_bias:
+                self.classifier.bias.zero_()
+
+    def forward(self, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None
+                ) -> dict[str, torch.Tensor]:
+        """Training forward. Keys: ``img_feature``/``txt_feature`` (pre-ReLU), ``img_rank``/``txt_rank``
+        (post-ReLU, before dropout), ``img_logits``/``txt_logits`` (shared W on the dropout outputs)."""
+        out: dict[str, torch.Tensor] = {}
+        if images is not None:
+            img = self.image(images)  # (B, 2048) each
+            out.update(img_feature=img["feature"], img_rank=img["rank"],
+                       img_logits=self.classifier(img["logit_input"]))  # (B, N)
+        if tokens is not None:
+            txt = self.text(tokens)
+            out.update(txt_feature=txt["feature"], txt_rank=txt["rank"],
+                       txt_logits=self.classifier(txt["logit_input"]))  # (B, N)
+        return out
+
+
+def build_model(*, num_classes: int, vocab_size: int, max_len: int, word2vec: torch.Tensor | None,
+                arch: str = "resnet50", pretrained: str = "imagenet", dropout: float = 0.75,
+                classifier_bias: bool = True, text_pool: str = "max", text_depth: str = "res50",
+                image_pool: int = 7) -> DualPath:
+    """Build the network from plain values (the training config and the prepared manifest provide them)."""
+    image = ImageCNN(arch=arch, pretrained=pretrained, dropout=dropout, pool=image_pool)
+    text = TextCNN(vocab_size, max_len=max_len, word2vec=word2vec, dropout=dropout, pool=text_pool,
+                   depth=text_depth)
+    return DualPath(image, text, num_classes, classifier_bias)

@@ -1,0 +1,149 @@
+"""The image path of the dual-path network (spec section 4): a torchvision backbone plus the code's extra head.
+
+    backbone (ResNet-50 up to layer4)      (N, 2048, h, w)
+    AvgPool2d(pool, stride=1)              (N, 2048, h-pool+1, w-pool+1)   pool 7 for 224-px training crops
+    fc1   1x1 conv 2048->2048, no bias -> BN -> ReLU
+    fc1_1 1x1 conv 2048->2048, no bias -> BN     = the test-time image feature (pre-ReLU), summed over positions
+    ReLU                                         = the ranking feature (L2-normalised in the loss)
+    Dropout                                      -> the shared classifier W (dual_path.py)
+
+For training crops the map after pooling is 1x1. At test time (spec 8.1) the whole prepared image (shorter side
+256) goes through the same layers fully convolutionally; the pre-ReLU head output is summed over positions, and the
+same is done for the horizontally flipped image and added. VGG-19 (spec 4.2) uses fc6/fc7 as convolutions and
+feeds the pre-ReLU fc7 (4096-d) to a 4096->4096->2048 head.
+
+Pretrained weights are never downloaded: ``pretrained="imagenet"`` reads torchvision's own file from the torch hub
+cache, ``pretrained=PATH`` reads a torchvision state dict, ``pretrained="none"`` is an explicit random init.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import torchvision_guard  # noqa: F401  (before torchvision)
+import torchvision.models as tvm  # noqa: E402
+
+from .text_cnn import init_new_conv_, new_bn  # noqa: E402
+
+ARCHS = {  # name -> (constructor, ImageNet weights enum, backbone output channels)
+    "resnet18": (tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1, 512),
+    "resnet50": (tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V1, 2048),
+    "resnet152": (tvm.resnet152, tvm.ResNet152_Weights.IMAGENET1K_V1, 2048),
+    "vgg19": (tvm.vgg19, tvm.VGG19_Weights.IMAGENET1K_V1, 4096),
+}
+
+
+class PretrainedWeightsMissing(FileNotFoundError):
+    pass
+
+
+def imagenet_weights_path(arch: str) -> Path:
+    """Where torchvision keeps (and where we look for) the ImageNet weights file of ``arch``."""
+    url = ARCHS[arch][1].url
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+
+
+def load_pretrained_state(arch: str, pretrained: str) -> tuple[dict | None, str]:
+    """Resolve ``pretrained`` to (state dict or None, description recorded in checkpoints and results)."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown image backbone {arch!r}; choose one of {sorted(ARCHS)}")
+    if pretrained == "none":
+        return None, "none (random initialisation, requested explicitly)"
+    if pretrained == "imagenet":
+        path = imagenet_weights_path(arch)
+        if not path.is_file():
+            raise PretrainedWeightsMissing(
+                f"ImageNet weights for {arch} not found at {path}. This project never downloads. Place torchvision's "
+                f"file there (from {ARCHS[arch][1].url}), or pass --pretrained /path/to/state_dict.pth, or "
+                f"--pretrained none for an explicit random initialisation.")
+    else:
+        path = Path(pretrained)
+        if not path.is_file():
+            raise PretrainedWeightsMissing(f"--pretrained {pretrained}: no such file (expected a torchvision "
+                                           f"{arch} state dict, or 'imagenet' or 'none')")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(state, dict) and "state_dict" in state:
+        state = state["state_dict"]
+    return state, f"{pretrained} ({path})"
+
+
+class VGGBackbone(nn.Module):
+    """VGG features + fc6 (as a 7x7 conv) + ReLU + fc7 (as a 1x1 conv), output pre-ReLU fc7 (spec 4.2)."""
+
+    def __init__(self, vgg: nn.Module) -> None:
+        super().__init__()
+        self.features = vgg.features
+        fc6, fc7 = vgg.classifier[0], vgg.classifier[3]
+        self.fc6 = nn.Conv2d(512, 4096, 7)
+        self.fc7 = nn.Conv2d(4096, 4096, 1)
+        with torch.no_grad():
+            self.fc6.weight.copy_(fc6.weight.view(4096, 512, 7, 7))
+            self.fc6.bias.copy_(fc6.bias)
+            self.fc7.weight.copy_(fc7.weight.view(4096, 4096, 1, 1))
+            self.fc7.bias.copy_(fc7.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, 3, H, W) -> (N, 4096, H/32-6, W/32-6)
+        return self.fc7(F.relu(self.fc6(self.features(x))))
+
+
+class ImageCNN(nn.Module):
+    """The image path. ``forward(images)`` on training crops; ``test_feature(images)`` on whole images."""
+
+    def __init__(self, arch: str = "resnet50", pretrained: str = "imagenet", dropout: float = 0.75,
+                 pool: int = 7, feature_dim: int = 2048) -> None:
+        super().__init__()
+        state, self.pretrained_source = load_pretrained_state(arch, pretrained)
+        ctor, _, channels = ARCHS[arch]
+        net = ctor(weights=None)
+        if state is not None:
+            net.load_state_dict(state)
+        self.arch = arch
+        if arch.startswith("vgg"):
+            self.backbone: nn.Module = VGGBackbone(net)
+            self.pool: nn.Module = nn.Identity()  # fc6 already covers a 7x7 window
+            hidden = channels  # 4096 -> 4096 -> 2048
+        else:
+            self.backbone = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool,
+                                          net.layer1, net.layer2, net.layer3, net.layer4)
+            self.pool = nn.AvgPool2d(pool, stride=1)  # pool5 of the MatConvNet model
+            hidden = feature_dim
+        self.fc1 = nn.Conv2d(channels, hidden, 1, bias=False)
+        self.fc1_bn = new_bn(hidden, dims=2)
+        self.fc1_1 = nn.Conv2d(hidden, feature_dim, 1, bias=False)
+        self.fc1_1_bn = new_bn(feature_dim, dims=2)
+        for conv in (self.fc1, self.fc1_1):
+            init_new_conv_(conv.weight)
+        self.dropout = nn.Dropout(dropout)
+
+    def backbone_frozen(self) -> bool:
+        return not any(p.requires_grad for p in self.backbone.parameters())
+
+    def feature_map(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, H, W) -> (N, 2048, h, w) pre-ReLU head output at every pooled position."""
+        if self.backbone_frozen():  # Stage I: no graph through the frozen backbone (BN still uses batch stats)
+            with torch.no_grad():
+                x = self.backbone(images)
+        else:
+            x = self.backbone(images)  # (N, C, H/32, W/32)
+        x = self.pool(x)  # (N, C, h, w)
+        x = F.relu(self.fc1_bn(self.fc1(x)))  # (N, hidden, h, w)
+        return self.fc1_1_bn(self.fc1_1(x))  # (N, 2048, h, w)
+
+    def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Training crops (224 px for pool 7: a 1x1 map). Returns ``feature``, ``rank``, ``logit_input``."""
+        feature = self.feature_map(images).sum(dim=(2, 3))  # (N, 2048); a sum over the single position
+        rank = F.relu(feature)
+        return {"feature": feature, "rank": rank, "logit_input": self.dropout(rank)}
+
+    @torch.no_grad()
+    def test_feature(self, images: torch.Tensor) -> torch.Tensor:
+        """Spec 8.1: whole images (same size within the batch), pre-ReLU head output summed over positions, plus
+        the same for the horizontally flipped images. (N, 3, H, W) -> (N, 2048)."""
+        both = torch.cat([images, images.flip(3)])  # (2N, 3, H, W)
+        summed = self.feature_map(both).float().sum(dim=(2, 3))  # (2N, 2048)
+        n = images.shape[0]
+        return summed[:n] + summed[n:]

@@ -1,0 +1,75 @@
+"""Instance loss, ranking loss, hard-negative selection and the Stage II total (spec 6.1-6.3, 7.5).
+
+Normalisation (spec 6.3): every MatConvNet loss layer returns a sum over the batch and the summed gradient is
+divided by the batch size B, so one iteration optimises
+
+    J = [ lambda_rank * sum_i (L1_i + L2_i)  +  lambda_img * sum_j CE_img_j  +  lambda_txt * sum_j CE_txt_j ] / B
+
+with i over the B/2 anchors and j over all B images / texts: the instance terms are batch means, the ranking
+term is a sum divided by B.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -1  # label of val/test items: never a class
+
+
+def l2_normalize(x: torch.Tensor) -> torch.Tensor:
+    """x / sqrt(1e-8 + ||x||^2): exactly the original's LRN layer with window 4096, kappa 1e-8, beta 0.5."""
+    return x * torch.rsqrt(1e-8 + x.float().pow(2).sum(dim=1, keepdim=True)).to(x.dtype)
+
+
+def instance_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Softmax cross-entropy through the shared W, averaged over the batch; label -1 (val/test) ignored."""
+    return F.cross_entropy(logits.float(), labels, ignore_index=IGNORE)
+
+
+def ranking_loss(img_pos: torch.Tensor, txt_pos: torch.Tensor, img_neg: torch.Tensor, txt_neg: torch.Tensor,
+                 margin: float = 1.0) -> torch.Tensor:
+    """Bidirectional hinge on cosine similarity (spec 6.2), one negative per anchor, SUMMED over anchors.
+
+    All inputs (K, D) post-ReLU features; row i of the negatives is the negative of anchor pair i.
+        L1_i = max(0, margin - (<Xp_i, Yp_i> - <Xp_i, Yn_i>))   image anchor, negative text
+        L2_i = max(0, margin - (<Yp_i, Xp_i> - <Yp_i, Xn_i>))   text anchor, negative image
+    """
+    xp, yp, xn, yn = (l2_normalize(t.float()) for t in (img_pos, txt_pos, img_neg, txt_neg))
+    pos = (xp * yp).sum(1)  # (K,)
+    l1 = F.relu(margin - pos + (xp * yn).sum(1))  # (K,)
+    l2 = F.relu(margin - pos + (yp * xn).sum(1))  # (K,)
+    return (l1 + l2).sum()
+
+
+def hardest_negatives(anchor_img: torch.Tensor, candidate_txt: torch.Tensor) -> torch.Tensor:
+    """Spec 7.5 step 4: for each anchor image the candidate caption of highest cosine similarity. (K,) indices."""
+    sim = l2_normalize(anchor_img.float()) @ l2_normalize(candidate_txt.float()).T  # (K, P)
+    return sim.argmax(dim=1)
+
+
+def total_loss(out: dict[str, torch.Tensor], labels_img: torch.Tensor, labels_txt: torch.Tensor, *,
+               lambda_rank: float, lambda_img: float, lambda_txt: float, margin: float = 1.0,
+               ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """J of spec 6.3 for a batch laid out as [B/2 positives; B/2 negatives] (Stage II) or any batch with
+    lambda_rank = 0 (Stage I). Returns (J, per-term values for logging)."""
+    b = labels_img.shape[0]
+    terms = {"instance_img": instance_loss(out["img_logits"], labels_img),
+             "instance_txt": instance_loss(out["txt_logits"], labels_txt)}
+    j = lambda_img * terms["instance_img"] + lambda_txt * terms["instance_txt"]
+    if lambda_rank:
+        if b % 2:
+            raise ValueError(f"the ranking loss needs an even batch (B/2 anchors + B/2 negatives), got {b}")
+        h = b // 2
+        rank_sum = ranking_loss(out["img_rank"][:h], out["txt_rank"][:h], out["img_rank"][h:], out["txt_rank"][h:],
+                                margin)
+        terms["rank"] = rank_sum / h  # mean over anchors of (L1 + L2), for logging
+        j = j + lambda_rank * rank_sum / b
+    terms["total"] = j
+    return j, {k: v.detach() for k, v in terms.items()}
+
+
+@torch.no_grad()
+def top1_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per-branch top-1 accuracy of the instance classifier (for TensorBoard)."""
+    keep = labels != IGNORE
+    return (logits[keep].argmax(1) == labels[keep]).float().mean()
