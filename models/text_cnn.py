@@ -90,7 +90,9 @@ class TextCNN(nn.Module):
 
     def __init__(self, vocab_size: int, max_len: int = 32, word2vec: torch.Tensor | None = None,
                  dropout: float = 0.75, pool: str = "max", depth: str = "res50", embed_dim: int = 300,
-                 feature_dim: int = 2048) -> None:
+                 feature_dim: int = 2048, width: float = 1.0) -> None:
+        """``width`` scales every stage width (1.0 = the paper); a smaller value is a documented CPU-demo/test
+        option, never a paper recipe. ``feature_dim`` is the embedding size (2048 in the paper)."""
         super().__init__()
         if pool not in ("max", "avg"):
             raise ValueError(f"pool must be one of ['max', 'avg'], got {pool!r}")
@@ -116,6 +118,7 @@ class TextCNN(nn.Module):
         blocks: list[nn.Module] = []
         cin = embed_dim
         for n_blocks, proj_mid, cout, stride in STAGES[depth]:
+            proj_mid, cout = max(4, round(proj_mid * width)), max(4, round(cout * width))
             blocks.append(Bottleneck(cin, proj_mid, cout, stride))
             blocks += [Bottleneck(cout, cout // 4, cout, 1) for _ in range(n_blocks - 1)]
             cin = cout

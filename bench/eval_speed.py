@@ -1,0 +1,155 @@
+"""Benchmark: COCO-5K-sized retrieval evaluation (5,000 images x 25,000 captions, d = 2048, float32).
+
+Times (a) the bare similarity matmul images @ texts.T (one direction), (b) engine.metrics.evaluate_retrieval (both
+directions), (c) a typical per-query-argsort evaluator written in numpy (as vsepp/SCAN/VSE-infinity do), checks that
+(b) and (c) give IDENTICAL metrics, prints a markdown table and appends it to BENCHMARKS.md.
+
+    .venv/bin/python bench/eval_speed.py                 # 5 captions per image
+    .venv/bin/python bench/eval_speed.py --captions 5-7  # COCO-like 5-7 captions per image (all kept)
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from engine.metrics import evaluate_retrieval, recall_metrics  # noqa: E402
+
+HEADING = "## 4. Evaluation: COCO 5K ranking"
+
+
+def make_data(n_images: int, captions: str, dim: int, noise: float, seed: int):
+    """Random unit-scale image features; each caption = its image + Gaussian noise (planted matches)."""
+    g = torch.Generator().manual_seed(seed)
+    lo, hi = (int(x) for x in captions.split("-")) if "-" in captions else (int(captions),) * 2
+    counts = torch.randint(lo, hi + 1, (n_images,), generator=g)
+    text_labels = torch.repeat_interleave(torch.arange(n_images), counts)  # (M,) image index of each caption
+    images = torch.randn(n_images, dim, generator=g)  # (N, D)
+    texts = images[text_labels] + noise * torch.randn(len(text_labels), dim, generator=g)  # (M, D)
+    return images, texts, torch.arange(n_images), text_labels
+
+
+def argsort_evaluator(images: torch.Tensor, texts: torch.Tensor, text_labels: torch.Tensor) -> dict[str, Any]:
+    """The usual evaluator: full score matrix, then for every query a full argsort of its scores and the position of
+    its first correct item (Python loop over queries). Scores come from the same BLAS (torch.mm), so they agree
+    bit for bit with the fast path and the metrics must be identical."""
+    im, tx = F.normalize(images, dim=1), F.normalize(texts, dim=1)
+    sims = torch.mm(im, tx.T).numpy()  # (N, M)
+    labels = text_labels.numpy()
+    caps_of = np.split(np.argsort(labels, kind="stable"), np.cumsum(np.bincount(labels))[:-1])
+    i2t = np.zeros(len(sims), dtype=np.int64)
+    for i in range(len(sims)):  # image queries
+        inds = np.argsort(-sims[i], kind="stable")
+        i2t[i] = min(np.where(inds == c)[0][0] for c in caps_of[i]) + 1
+    sims_t = np.ascontiguousarray(sims.T)  # (M, N)
+    t2i = np.zeros(len(sims_t), dtype=np.int64)
+    for j in range(len(sims_t)):  # text queries
+        inds = np.argsort(-sims_t[j], kind="stable")
+        t2i[j] = np.where(inds == labels[j])[0][0] + 1
+    out: dict[str, Any] = {"i2t": recall_metrics(torch.from_numpy(i2t)), "t2i": recall_metrics(torch.from_numpy(t2i))}
+    out["rsum"] = sum(v for d in ("i2t", "t2i") for k, v in out[d].items() if k.startswith("R@"))
+    return out
+
+
+def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
+    t0 = time.perf_counter()
+    result = fn()
+    return time.perf_counter() - t0, result
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def append_to_benchmarks(block: str, path: Path) -> None:
+    """Append ``block`` at the end of the section HEADING (created, with the file, if missing)."""
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if HEADING not in text:
+        path.write_text(text.rstrip("\n") + f"\n\n{HEADING}\n\n{block}")
+        return
+    start = text.index(HEADING) + len(HEADING)
+    nxt = text.find("\n## ", start)
+    end = len(text) if nxt < 0 else nxt + 1
+    path.write_text(text[:end].rstrip("\n") + f"\n\n{block}" + ("\n" + text[end:] if nxt >= 0 else ""))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=5000)
+    ap.add_argument("--captions", default="5", help="captions per image: N or LO-HI (random per image)")
+    ap.add_argument("--dim", type=int, default=2048)
+    ap.add_argument("--noise", type=float, default=16.0, help="caption = image + noise * N(0, 1)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=3, help="best-of-R for (a) and (b), interleaved")
+    ap.add_argument("--ref-repeats", type=int, default=1, help="best-of-R for the (slow) argsort evaluator")
+    ap.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md", help="markdown file to append to")
+    ap.add_argument("--no-write", action="store_true", help="print only")
+    args = ap.parse_args()
+
+    images, texts, image_labels, text_labels = make_data(args.images, args.captions, args.dim, args.noise, args.seed)
+    print(f"{len(images)} images x {len(texts)} captions, d={args.dim}; torch threads {torch.get_num_threads()}")
+    t_mm, t_fast, fast = [], [], None
+    for _ in range(args.repeats):  # interleaved so that load changes hit both alike
+        t_mm.append(timed(lambda: images @ texts.T)[0])
+        dt, fast = timed(lambda: evaluate_retrieval(images, texts, image_labels, text_labels))
+        t_fast.append(dt)
+        print(f"  matmul {t_mm[-1]:.2f} s   evaluate_retrieval {t_fast[-1]:.2f} s")
+    t_ref, ref = [], None
+    for _ in range(args.ref_repeats):
+        dt, ref = timed(lambda: argsort_evaluator(images, texts, text_labels))
+        t_ref.append(dt)
+        print(f"  per-query argsort {dt:.1f} s")
+    identical = ref == fast
+    if not identical:
+        print(f"MISMATCH\n fast: {fast}\n ref:  {ref}", file=sys.stderr)
+
+    base = min(t_mm)
+    rows = [("(a) similarity matmul `images @ texts.T` (one direction)", min(t_mm)),
+            ("(b) `engine.metrics.evaluate_retrieval` (both directions, incl. L2-normalisation)", min(t_fast)),
+            ("(c) per-query argsort evaluator (numpy loop, both directions)", min(t_ref))]
+    table = ["| method | seconds | x matmul |", "|---|---:|---:|"]
+    table += [f"| {name} | {sec:.2f} | {sec / base:.2f} |" for name, sec in rows]
+    m = fast
+    metric_line = (f"Metrics (b) {'==' if identical else '!='} (c): i2t R@1/5/10 {m['i2t']['R@1']:.2f}/"
+                   f"{m['i2t']['R@5']:.2f}/{m['i2t']['R@10']:.2f} medr {m['i2t']['medr']:.0f}; t2i R@1/5/10 "
+                   f"{m['t2i']['R@1']:.2f}/{m['t2i']['R@5']:.2f}/{m['t2i']['R@10']:.2f} medr {m['t2i']['medr']:.0f}"
+                   f" -> {'IDENTICAL' if identical else 'MISMATCH'}.")
+    command = "cd " + str(ROOT) + " && .venv/bin/python bench/eval_speed.py " + shlex.join(sys.argv[1:])
+    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    block = "\n".join([
+        f"### {datetime.datetime.now().strftime('%Y-%m-%d %H:%M')} — {len(images)} images x {len(texts)} captions "
+        f"(captions per image {args.captions}), d = {args.dim}, float32",
+        "",
+        f"Machine: {cpu_model()}, {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} "
+        f"threads; load average at the end {load}. Timings: best of {args.repeats} (a, b, interleaved) and best of "
+        f"{args.ref_repeats} (c), wall clock.",
+        f"Command: `{command.strip()}`",
+        "", *table, "", metric_line, ""])
+    print("\n" + block)
+    if not args.no_write:
+        append_to_benchmarks(block, args.output)
+        print(f"appended to {args.output}")
+    if not identical:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""Test-time features of a prepared split (spec 8.1), shared by validation during training and evaluate.py.
+
+Images: the whole prepared image, fully convolutional, pre-ReLU head output summed over positions, plus the same
+for the horizontally flipped image. Texts: the pre-ReLU feature summed over every position shift of the caption.
+Both are returned un-normalised; the evaluator L2-normalises. The model is put in eval mode for the encoding and
+its previous mode is restored afterwards (the vsepp "stuck in eval mode" defect cannot happen here).
+"""
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from models import DualPath
+
+from .data import Prepared, TestImages, normalize_images
+
+
+def autocast(device: torch.device, precision: str):
+    """bf16 autocast on CUDA unless fp32 was asked for; fp32 on CPU unless bf16 was asked for."""
+    if precision == "fp16" and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+
+@torch.no_grad()
+def encode_split(model: DualPath, data: Prepared, split: str, device: torch.device, *, batch_size: int = 64,
+                 precision: str = "auto", channels_last: bool = False, first_k: int | None = None,
+                 workers: int = 0, max_images: int | None = None) -> dict[str, np.ndarray]:
+    """Returns ``images`` (N, D), ``texts`` (M, D) float32, ``image_labels`` (N,), ``text_labels`` (M,),
+    ``image_rows`` / ``caption_rows`` (rows of the prepared tables). Labels follow the ``person`` column: a text
+    matches an image when they are equal. ``first_k`` keeps only each image's first k captions (COCO's usual 5);
+    ``max_images`` encodes only the first images of the split (quick validation)."""
+    was_training = model.training
+    model.eval()
+    try:
+        rows = data.split_images(split)
+        if max_images:
+            rows = rows[:max_images]
+        img_feats = np.zeros((len(rows), model.text.fc.out_features), dtype=np.float32)
+        loader = DataLoader(TestImages(data, rows, batch_size), batch_size=None, num_workers=workers,
+                            generator=torch.Generator())
+        for imgs, pos in loader:
+            x = normalize_images(imgs.to(device, non_blocking=True), channels_last)
+            with autocast(device, precision):
+                img_feats[pos.numpy()] = model.image.test_feature(x).float().cpu().numpy()  # (n, 2048)
+        caps = data.split_captions(split, first_k)
+        caps = caps[np.isin(data.captions["image"].to_numpy()[caps], rows)]
+        txt_feats = np.zeros((len(caps), img_feats.shape[1]), dtype=np.float32)
+        lengths_all = data.captions["length"].to_numpy()
+        chunk = max(1, batch_size * 4)
+        for start in range(0, len(caps), chunk):
+            idx = caps[start:start + chunk]
+            tokens = torch.from_numpy(np.asarray(data.tokens[idx], dtype=np.int64)).to(device)
+            lengths = torch.from_numpy(lengths_all[idx].astype(np.int64)).to(device)
+            with autocast(device, precision):
+                txt_feats[start:start + len(idx)] = model.text.test_feature(tokens, lengths).float().cpu().numpy()
+        person = data.images["person"].to_numpy()
+        return {"images": img_feats, "texts": txt_feats, "image_labels": person[rows],
+                "text_labels": data.captions["person"].to_numpy()[caps], "image_rows": rows, "caption_rows": caps}
+    finally:
+        model.train(was_training)

@@ -1,0 +1,298 @@
+"""The one training loop both stages use. The stage difference is data: which parameter groups train (Stage I:
+backbone frozen), which losses and lambdas (config), and which batches (``TrainBatches`` stage 1 or 2).
+
+Guarantees: full-state checkpoints written atomically every epoch (and every N steps); ``resume`` continues so
+that a run killed at any moment ends with bit-identical weights on CPU; SIGTERM/SIGINT finish the step, write the
+checkpoint and exit cleanly; a non-finite loss stops the run naming the step and the loss terms (the last good
+checkpoint is kept); validation uses the val split only.
+"""
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader
+
+from models import DualPath, build_model, hardest_negatives, param_groups, top1_accuracy, total_loss
+
+from . import checkpoint as ckpt
+from .config import Config, config_from_dict
+from .data import Prepared, TrainBatches, TrainSpec, normalize_images
+from .dist import all_reduce_mean, barrier, convert_batchnorm, init_distributed, is_main
+from .encode import autocast, encode_split
+from .logging import RunLogger, retrieval_scalars
+from .metrics import evaluate_retrieval
+
+DONE = "train_done.json"
+MODEL_KEYS = ("arch", "train_crop", "text_depth", "text_pool", "classifier_bias", "feature_dim", "text_width")  # must match Stage I
+RUNTIME_KEYS = {"workers", "prefetch_factor", "log_every", "eval_batch_size", "checkpoint_every_steps",
+                "val_every"}  # may change on resume; everything else is the recipe
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+def make_model(cfg: Config, data: Prepared, init: dict | None) -> tuple[DualPath, str]:
+    """Stage I: fresh heads + pretrained backbone. Stage II: the Stage I checkpoint's weights."""
+    kwargs = dict(num_classes=data.num_classes, vocab_size=data.vocab_size, max_len=data.max_len,
+                  arch=cfg.arch, dropout=cfg.dropout, classifier_bias=cfg.classifier_bias,
+                  text_pool=cfg.text_pool, text_depth=cfg.text_depth, feature_dim=cfg.feature_dim,
+                  text_width=cfg.text_width,
+                  image_pool=math.ceil(cfg.train_crop / 32))  # the layer4 map of a training crop: 7 at 224
+    if init is None:
+        model = build_model(word2vec=data.word2vec(), pretrained=cfg.pretrained, **kwargs)
+        return model, model.image.pretrained_source
+    old = init["config"]
+    diff = {k: (old[k], getattr(cfg, k)) for k in MODEL_KEYS if old[k] != getattr(cfg, k)}
+    if diff:
+        raise ValueError(f"Stage II config differs from the Stage I checkpoint in model keys {diff}")
+    model = build_model(word2vec=None, pretrained="none", **kwargs)
+    model.load_state_dict(init["model"])
+    return model, init["pretrained_source"]
+
+
+def validate(module: DualPath, data: Prepared, cfg: Config, device: torch.device) -> dict[str, Any]:
+    feats = encode_split(module, data, "val", device, batch_size=cfg.eval_batch_size, precision=cfg.precision)
+    directions = ("t2i",) if data.manifest.get("match") == "person" else ("i2t", "t2i")
+    t = {k: torch.from_numpy(np.asarray(v)) for k, v in feats.items()}
+    return evaluate_retrieval(t["images"].to(device), t["texts"].to(device), t["image_labels"].to(device),
+                              t["text_labels"].to(device), directions=directions)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, data_dir: str | Path, run_dir: str | Path, *, init: str | Path | None = None,
+                 resume: str | None = None) -> None:
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.rank, self.world, local_rank = init_distributed()
+        self.device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+        self.channels_last = cfg.channels_last and self.device.type == "cuda"
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+            torch.backends.cudnn.benchmark = True
+        self.log = RunLogger(self.run_dir, enabled=is_main())
+        self.data = Prepared(data_dir)
+        torch.manual_seed(cfg.seed)  # identical initialisation on every rank
+        np.random.seed(cfg.seed)
+        init_state = ckpt.load(init) if init else None
+        if cfg.stage == 2 and init_state is None:
+            raise ValueError("Stage II needs --init STAGE1_CHECKPOINT")
+        self.module, self.pretrained_source = make_model(cfg, self.data, init_state)
+        self.module.to(self.device)
+        if self.channels_last:
+            self.module.image.to(memory_format=torch.channels_last)
+        groups = param_groups(self.module, cfg.stage, cfg.base_lr, cfg.weight_decay)  # also freezes (Stage I)
+        self.optimizer = torch.optim.SGD(groups, lr=cfg.base_lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cfg.lr_factor)
+        fp16 = cfg.precision == "fp16" and self.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16)
+        self.model: torch.nn.Module = self.module
+        if self.world > 1:
+            convert_batchnorm(self.module)
+            self.model = DDP(self.module, device_ids=[local_rank] if self.device.type == "cuda" else None)
+        self.spec = TrainSpec(stage=cfg.stage, batch_size=cfg.batch_size, crop=cfg.train_crop, seed=cfg.seed,
+                              position_shift=cfg.position_shift, negatives=cfg.negatives,
+                              num_candidates=cfg.num_candidates, world_size=self.world, rank=self.rank)
+        self.batches = TrainBatches(self.data, self.spec)
+        self.epoch, self.batch, self.step = 0, 0, 0
+        self.best: dict[str, Any] = {"rsum": None, "epoch": None}
+        self.history: list[dict[str, Any]] = []
+        self.stop_signal: int | None = None
+        if resume:
+            self._resume(resume)
+
+    # ------------------------------------------------------------------ checkpoints
+    def _state(self, complete: bool = False) -> dict[str, Any]:
+        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
+                "rng": ckpt.rng_state(), "epoch": self.epoch, "batch": self.batch, "step": self.step,
+                "best": self.best, "history": self.history, "config": self.cfg.to_dict(), "stage": self.cfg.stage,
+                "pretrained_source": self.pretrained_source, "complete": complete,
+                "data": {k: self.data.manifest.get(k) for k in ("dataset", "num_classes", "vocab_size", "max_len")}}
+
+    def save(self, name: str = ckpt.LAST, complete: bool = False) -> None:
+        if is_main():
+            ckpt.save_atomic(self._state(complete), self.run_dir / name)
+        barrier()
+
+    def _resume(self, resume: str) -> None:
+        path = self.run_dir / ckpt.LAST if resume == "auto" else Path(resume)
+        if not path.is_file():
+            if resume == "auto":
+                return  # nothing to resume: a fresh start
+            raise FileNotFoundError(f"--resume {resume}: no such checkpoint")
+        state = ckpt.load(path)
+        old = config_from_dict(state["config"]).to_dict()
+        changed = {k: (old[k], v) for k, v in self.cfg.to_dict().items() if old[k] != v and k not in RUNTIME_KEYS}
+        if changed:
+            raise ValueError(f"{path}: cannot resume with a different recipe; changed keys (old, new): {changed}")
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        ckpt.set_rng_state(state["rng"])
+        self.epoch, self.batch, self.step = state["epoch"], state["batch"], state["step"]
+        self.best, self.history = state["best"], state["history"]
+        self.log.print(f"resumed from {path}: epoch {self.epoch}, batch {self.batch}, step {self.step}")
+
+    # ------------------------------------------------------------------ one step
+    def _mine(self, images: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Spec 7.5 steps 2-4: in eval mode, without gradients, the hardest of the candidate captions for each
+        anchor image. The model is put back in train mode afterwards."""
+        h = images.shape[0] // 2
+        cand = batch["cand_tokens"].to(self.device, non_blocking=True)
+        self.module.eval()
+        try:
+            with torch.no_grad(), autocast(self.device, self.cfg.precision):
+                anchor = self.module.image(images[:h])["rank"]  # (h, 2048) post-ReLU
+                pool = self.module.text(cand)["rank"]  # (P, 2048)
+            idx = hardest_negatives(anchor, pool)  # (h,)
+        finally:
+            self.module.train()
+        return cand[idx], batch["cand_labels"].to(self.device)[idx]
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        cfg = self.cfg
+        images = normalize_images(batch["images"].to(self.device, non_blocking=True), self.channels_last)
+        tokens = batch["tokens"].to(self.device, non_blocking=True)
+        labels = batch["labels"].to(self.device)
+        text_labels = batch["text_labels"].to(self.device)
+        mining = 0.0
+        if cfg.stage == 2 and cfg.negatives == "hard":
+            t0 = time.perf_counter()
+            h = images.shape[0] // 2
+            neg_tokens, neg_labels = self._mine(images, batch)
+            tokens, text_labels = tokens.clone(), text_labels.clone()
+            tokens[h:], text_labels[h:] = neg_tokens, neg_labels
+            mining = time.perf_counter() - t0
+        with autocast(self.device, cfg.precision):
+            out = self.model(images, tokens)
+        loss, terms = total_loss(out, labels, text_labels, lambda_rank=cfg.lambda_rank if cfg.stage == 2 else 0.0,
+                                 lambda_img=cfg.lambda_img, lambda_txt=cfg.lambda_txt, margin=cfg.margin)
+        finite = all_reduce_mean(torch.isfinite(loss.detach()).float())
+        if finite.item() < 1:
+            raise NonFiniteLoss(f"non-finite loss at step {self.step} (epoch {self.epoch}, batch {self.batch}): "
+                                + ", ".join(f"{k}={v.item():.6g}" for k, v in terms.items())
+                                + f"; the last good checkpoint ({self.run_dir / ckpt.LAST}) is kept")
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        values = {f"loss/{k}": v.item() for k, v in terms.items()}
+        values["acc/img_top1"] = top1_accuracy(out["img_logits"], labels).item()
+        values["acc/txt_top1"] = top1_accuracy(out["txt_logits"], text_labels).item()
+        values["time/mining_s"] = mining
+        return values
+
+    # ------------------------------------------------------------------ epochs
+    def _on_signal(self, signum: int, _frame: Any) -> None:
+        self.stop_signal = signum
+        self.log.print(f"signal {signal.Signals(signum).name}: finishing this step, then writing a checkpoint")
+
+    def _loader(self) -> DataLoader:
+        self.batches.set_epoch(self.epoch)
+        cuda = self.device.type == "cuda"
+        kwargs: dict[str, Any] = {}
+        if self.cfg.workers > 0:
+            kwargs = {"prefetch_factor": self.cfg.prefetch_factor, "persistent_workers": False}
+        # A private generator: creating the loader must not consume the global torch RNG (dropout), or a resumed
+        # run would diverge from an uninterrupted one.
+        return DataLoader(self.batches, batch_size=None, sampler=range(self.batch, len(self.batches)),
+                          num_workers=self.cfg.workers, pin_memory=cuda, generator=torch.Generator(), **kwargs)
+
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg
+        if is_main():
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            self.log.print("resolved config:\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            while self.epoch < cfg.epochs:
+                if not self._run_epoch():
+                    return {"stopped": True, "epoch": self.epoch, "batch": self.batch, "step": self.step}
+            self.save(ckpt.LAST, complete=True)
+            summary = {"epochs": cfg.epochs, "steps": self.step, "best": self.best, "history": self.history}
+            if is_main():
+                (self.run_dir / DONE).write_text(json.dumps(summary, indent=1))
+            return summary
+        finally:
+            for s, h in old_handlers.items():
+                signal.signal(s, h)
+            self.log.close()
+
+    def _run_epoch(self) -> bool:
+        """One epoch (or its remainder after a resume). False when stopped by a signal."""
+        cfg = self.cfg
+        self.model.train()
+        bar = self.log.progress(len(self.batches), self.batch, f"stage {cfg.stage} epoch {self.epoch + 1}")
+        pairs = self.cfg.batch_size  # global images (= image-text pairs) per step
+        t_wait = t_total = 0.0  # over the logging window
+        n_window = 0
+        t_last = time.perf_counter()
+        for batch in self._loader():
+            t_got = time.perf_counter()
+            values = self.train_step(batch)
+            self.batch += 1
+            self.step += 1
+            t_now = time.perf_counter()
+            t_wait += t_got - t_last
+            t_total += t_now - t_last
+            n_window += 1
+            t_last = t_now
+            bar.update(1)
+            bar.set_postfix(loss=f"{values['loss/total']:.3f}", pairs_s=f"{pairs * n_window / t_total:.1f}")
+            if self.step % cfg.log_every == 0 or self.batch == len(self.batches):
+                values["perf/pairs_per_s"] = pairs * n_window / t_total
+                values["perf/data_wait_fraction"] = t_wait / t_total
+                values["perf/mining_fraction"] = values.pop("time/mining_s") * n_window / t_total
+                for g in self.optimizer.param_groups:
+                    values[f"lr/{g['name']}"] = g["lr"]
+                self.log.scalars(values, self.step)
+                t_wait = t_total = 0.0
+                n_window = 0
+            if self.stop_signal is not None:
+                bar.close()
+                self.save(ckpt.LAST)
+                self.log.print(f"checkpoint written at epoch {self.epoch}, batch {self.batch}; resume with "
+                               f"--resume auto")
+                return False
+            if cfg.checkpoint_every_steps and self.step % cfg.checkpoint_every_steps == 0:
+                self.save(ckpt.LAST)
+        bar.close()
+        self.epoch += 1
+        self.batch = 0
+        self.scheduler.step()
+        record: dict[str, Any] = {"epoch": self.epoch, "step": self.step}
+        is_best = False
+        if self.epoch % cfg.val_every == 0 or self.epoch == cfg.epochs:
+            is_best = self._validate(record)
+        self.history.append(record)
+        self.save(ckpt.LAST)
+        if is_best:
+            self.save(ckpt.BEST)
+        return True
+
+    def _validate(self, record: dict[str, Any]) -> bool:
+        """Val-split retrieval on rank 0 (the test split is never touched). True when rsum is a new best."""
+        is_best = False
+        if is_main() and len(self.data.split_images("val")):
+            metrics = validate(self.module, self.data, self.cfg, self.device)
+            record["val"] = metrics
+            self.log.scalars(retrieval_scalars("val", metrics), self.step)
+            self.log.print(f"epoch {self.epoch}: val " + json.dumps(
+                {d: {k: round(v, 2) for k, v in metrics[d].items()} for d in ("i2t", "t2i") if d in metrics})
+                + f" rsum {metrics['rsum']:.2f}")
+            if self.best["rsum"] is None or metrics["rsum"] > self.best["rsum"]:
+                self.best = {"rsum": metrics["rsum"], "epoch": self.epoch}
+                is_best = True
+        barrier()
+        return is_best

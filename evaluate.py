@@ -1,0 +1,191 @@
+"""Evaluate image<->text retrieval with the paper's protocols (spec section 8).
+
+    # any model: precomputed embeddings (npz with images, texts, image_labels, text_labels)
+    python evaluate.py --embeddings feats.npz [--coco-1k] --out results.json
+    # a checkpoint on a prepared split, with the test-time augmentation of spec 8.1
+    python evaluate.py --checkpoint runs/f30k/stage2/checkpoint_last.pt --data data/flickr30k --split test \\
+        --out results.json [--compare-paper flickr30k/resnet50/stage2] [--visualize 5]
+    # print several results files side by side
+    python evaluate.py --table runs/demo/stage1/results.json runs/demo/stage2/results.json
+
+Nothing is selected or tuned here: one checkpoint in, its numbers out. Model selection happens during training on
+the val split only (checkpoint_best.pt).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+import models  # noqa: F401  (torchvision guard first)
+
+RESULT_KEYS = ("R@1", "R@5", "R@10", "medr", "meanr")
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--embeddings", help="npz with images (N,D), texts (M,D), image_labels (N,), text_labels (M,);"
+                                          " a text matches an image when their labels are equal")
+    src.add_argument("--checkpoint", help="a training checkpoint (checkpoint_last.pt or checkpoint_best.pt)")
+    src.add_argument("--table", nargs="+", metavar="RESULTS_JSON", help="print results files side by side")
+    p.add_argument("--data", help="prepared directory (with --checkpoint)")
+    p.add_argument("--split", default="test", choices=("val", "test"), help="split to encode (default: test)")
+    p.add_argument("--coco-1k", action="store_true",
+                   help="MSCOCO 1K protocol: mean over 5 folds of 1,000 consecutive images with their own captions")
+    p.add_argument("--first-k", type=int, default=None, metavar="K",
+                   help="use only the first K captions of each image (COCO's usual 5; default: all, as the "
+                        "original code)")
+    p.add_argument("--directions", default=None, choices=("both", "t2i"),
+                   help="default: t2i only for identity-matched data (CUHK-PEDES), else both")
+    p.add_argument("--out", help="results JSON to write (atomically)")
+    p.add_argument("--compare-paper", metavar="ROW", help="print paper vs ours for a row of configs/paper_results.yaml")
+    p.add_argument("--visualize", type=int, default=0, metavar="K",
+                   help="write PNG grids of the top-K results for a few queries next to --out and to TensorBoard")
+    p.add_argument("--save-embeddings", metavar="NPZ", help="also save the encoded features (--checkpoint)")
+    p.add_argument("--batch-size", type=int, default=64, help="images per encoding batch (default 64)")
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+                   help="autocast for encoding (auto: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    args = p.parse_args(argv)
+    if args.checkpoint and not args.data:
+        p.error("--checkpoint needs --data PREPARED_DIR")
+    return args
+
+
+def protocol_name(dataset: str, split: str, n_images: int, coco_1k: bool, first_k: int | None) -> str:
+    """Names shared with configs/paper_results.yaml, so a results file is never compared with the wrong row."""
+    caps = "" if first_k is None else f"-first{first_k}caps"
+    if dataset == "coco" and split == "test":
+        return ("coco-1k" if coco_1k else "coco-5k" if n_images == 5000 else f"coco-{n_images}img") + caps
+    if dataset == "cuhk_pedes" and split == "test":
+        return "cuhk-pedes-test"
+    if dataset in ("flickr30k", "flickr8k") and split == "test" and n_images == 1000:
+        return f"{dataset}-1k-test"
+    return f"{dataset}-{n_images}img-{split}" + ("-5fold" if coco_1k else "") + caps
+
+
+def score(feats: dict, coco_1k: bool, directions: tuple[str, ...]) -> dict:
+    import torch
+
+    from engine.metrics import evaluate_coco_1k, evaluate_retrieval
+    t = {k: torch.as_tensor(np.asarray(feats[k])) for k in ("images", "texts", "image_labels", "text_labels")}
+    args = (t["images"].float(), t["texts"].float(), t["image_labels"], t["text_labels"])
+    if coco_1k:
+        return evaluate_coco_1k(*args)
+    return evaluate_retrieval(*args, directions=directions)
+
+
+def write_json_atomic(obj: dict, path: str | Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1, default=float)
+    os.replace(tmp, path)
+
+
+def from_checkpoint(args: argparse.Namespace) -> tuple[dict, dict]:
+    import torch
+
+    from engine.data import Prepared
+    from engine.encode import encode_split
+    from engine.model_io import load_model
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    data = Prepared(args.data)
+    model, state = load_model(args.checkpoint, data, device)
+    t0 = time.perf_counter()
+    feats = encode_split(model, data, args.split, device, batch_size=args.batch_size, precision=args.precision,
+                         first_k=args.first_k)
+    meta = {"checkpoint": str(Path(args.checkpoint).resolve()), "stage": state.get("stage"),
+            "epoch": state.get("epoch"), "complete": state.get("complete"),
+            "pretrained_source": state.get("pretrained_source"), "config": state.get("config"),
+            "data": str(Path(args.data).resolve()), "dataset": data.manifest["dataset"],
+            "match": data.manifest.get("match", "image"), "encode_seconds": round(time.perf_counter() - t0, 2),
+            "_data": data}
+    return feats, meta
+
+
+def print_table(paths: list[str]) -> str:
+    rows = []
+    for p in paths:
+        r = json.loads(Path(p).read_text())
+        label = f"{r.get('dataset', '?')} stage {r.get('stage', '?')} ({r.get('protocol', r.get('split', '?'))})"
+        cells = [f"{r[d][k]:.1f}" if d in r and k in r[d] else "–" for d in ("i2t", "t2i") for k in RESULT_KEYS]
+        rows.append(f"| {label} | " + " | ".join(cells) + f" | {r.get('rsum', float('nan')):.1f} |")
+    head = "| run | " + " | ".join(f"{d} {k}" for d in ("i2t", "t2i") for k in RESULT_KEYS) + " | rsum |"
+    sep = "|" + "---|" * (2 + 2 * len(RESULT_KEYS))
+    return "\n".join([head, sep, *rows])
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.table:
+        print(print_table(args.table))
+        return 0
+    if args.embeddings:
+        z = np.load(args.embeddings)
+        missing = {"images", "texts", "image_labels", "text_labels"} - set(z.files)
+        if missing:
+            print(f"error: {args.embeddings}: missing arrays {sorted(missing)} (has {z.files})", file=sys.stderr)
+            return 2
+        feats = {k: z[k] for k in z.files}
+        meta = {"embeddings": str(Path(args.embeddings).resolve()), "dataset": "embeddings", "match": "label"}
+    else:
+        feats, meta = from_checkpoint(args)
+        if args.save_embeddings:
+            np.savez(args.save_embeddings, **{k: feats[k] for k in ("images", "texts", "image_labels",
+                                                                      "text_labels")})
+    data = meta.pop("_data", None)
+    directions = {"both": ("i2t", "t2i"), "t2i": ("t2i",), None: None}[args.directions]
+    if directions is None:
+        directions = ("t2i",) if meta.get("match") == "person" else ("i2t", "t2i")
+    n_img = len(feats["images"])
+    results = score(feats, args.coco_1k, directions)
+    results.update(meta, split=args.split if args.checkpoint else None, num_images=n_img,
+                   num_texts=len(feats["texts"]),
+                   captions=("all" if args.first_k is None else f"first {args.first_k}"),
+                   protocol=protocol_name(meta["dataset"], args.split, n_img, args.coco_1k, args.first_k))
+    print(print_table_from(results))
+    if args.compare_paper:
+        from engine.paper import compare_with_paper
+        print(compare_with_paper(results, args.compare_paper))
+    if args.out:
+        write_json_atomic(results, args.out)
+        print(f"wrote {args.out}")
+    if args.visualize and data is not None:
+        from engine.visualize import retrieval_figures, save_png
+        out_dir = Path(args.out).parent if args.out else Path(".")
+        figs = retrieval_figures(feats, data, k=args.visualize)
+        from torch.utils.tensorboard import SummaryWriter
+        writer = SummaryWriter(str(out_dir / "tb"))
+        for name, arr in figs.items():
+            png = out_dir / f"retrieval_{args.split}_{name}.png"
+            save_png(arr, png)
+            writer.add_image(f"{args.split}/{name}", arr, 0, dataformats="HWC")
+            print(f"wrote {png}")
+        writer.close()
+    return 0
+
+
+def print_table_from(results: dict) -> str:
+    lines = [f"{results['protocol']}: {results['num_images']} images, {results['num_texts']} captions "
+             f"({results['captions']})", "| direction | R@1 | R@5 | R@10 | Med r | mean r |", "|---|---|---|---|---|---|"]
+    for d in ("i2t", "t2i"):
+        if d in results:
+            r = results[d]
+            lines.append(f"| {d} | {r['R@1']:.1f} | {r['R@5']:.1f} | {r['R@10']:.1f} | {r['medr']:g} | "
+                         f"{r['meanr']:.1f} |")
+    lines.append(f"rsum {results['rsum']:.1f}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
