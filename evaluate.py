@@ -67,8 +67,8 @@ def protocol_name(dataset: str, split: str, n_images: int, coco_1k: bool, first_
         return ("coco-1k" if coco_1k else "coco-5k" if n_images == 5000 else f"coco-{n_images}img") + caps
     if dataset == "cuhk_pedes" and split == "test":
         return "cuhk-pedes-test"
-    if dataset in ("flickr30k", "flickr8k") and split == "test" and n_images == 1000:
-        return f"{dataset}-1k-test"
+    if dataset in ("flickr30k", "flickr8k") and n_images == 1000:
+        return f"{dataset}-1k-{split}"
     return f"{dataset}-{n_images}img-{split}" + ("-5fold" if coco_1k else "") + caps
 
 

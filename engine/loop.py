@@ -41,6 +41,13 @@ class NonFiniteLoss(RuntimeError):
     pass
 
 
+def _ignore_stop_signals(_worker_id: int) -> None:
+    """DataLoader workers ignore SIGTERM/SIGINT: a scheduler signals the whole process group, and the main
+    process must be able to finish its step and write the checkpoint (it shuts the workers down itself)."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 def make_model(cfg: Config, data: Prepared, init: dict | None) -> tuple[DualPath, str]:
     """Stage I: fresh heads + pretrained backbone. Stage II: the Stage I checkpoint's weights."""
     kwargs = dict(num_classes=data.num_classes, vocab_size=data.vocab_size, max_len=data.max_len,
@@ -202,7 +209,8 @@ class Trainer:
         cuda = self.device.type == "cuda"
         kwargs: dict[str, Any] = {}
         if self.cfg.workers > 0:
-            kwargs = {"prefetch_factor": self.cfg.prefetch_factor, "persistent_workers": False}
+            kwargs = {"prefetch_factor": self.cfg.prefetch_factor, "persistent_workers": False,
+                      "worker_init_fn": _ignore_stop_signals}
         # A private generator: creating the loader must not consume the global torch RNG (dropout), or a resumed
         # run would diverge from an uninterrupted one.
         return DataLoader(self.batches, batch_size=None, sampler=range(self.batch, len(self.batches)),
@@ -295,4 +303,8 @@ class Trainer:
                 self.best = {"rsum": metrics["rsum"], "epoch": self.epoch}
                 is_best = True
         barrier()
+        if self.world > 1:  # only rank 0 validates, but every rank must agree: save(BEST) holds a barrier
+            flag = torch.tensor([float(is_best)], device=self.device)
+            torch.distributed.broadcast(flag, 0)
+            is_best = bool(flag.item())
         return is_best

@@ -110,8 +110,10 @@ class TextCNN(nn.Module):
                 raise ValueError(f"word2vec matrix must be ({vocab_size}, {embed_dim}), got {tuple(word2vec.shape)}")
             with torch.no_grad():
                 self.embed.weight[1:].copy_(word2vec)
-        else:  # random initialisation (the paper's Table 3 ablation)
-            init_new_conv_(self.embed.weight[1:])
+        else:  # random initialisation (Table 3 ablation): the V->300 1x1 conv's rule, fan_in = V (spec 7.2)
+            bound = math.sqrt(3.0 / vocab_size)
+            with torch.no_grad():
+                self.embed.weight.uniform_(-bound, bound)
         with torch.no_grad():
             self.embed.weight[0].zero_()
         self.embed_bn = new_bn(embed_dim)  # BN over batch x all positions (padding included), no ReLU

@@ -14,6 +14,6 @@ CONFIG1=configs/cuhk_pedes_stage1.yaml; CONFIG2=configs/cuhk_pedes_stage2.yaml
 TRAIN_ARGS=(); EVAL_ARGS=()
 prepare_data() { python -m prepare.cuhk_pedes --root "$ROOT" --word2vec "$WORD2VEC" --out "$PREPARED"; }
 step_prepare
-step_train 1; step_evaluate 1 --compare-paper cuhk_pedes/resnet50/stage1
-step_train 2; step_evaluate 2 --compare-paper cuhk_pedes/resnet50/stage2
+step_train 1; step_evaluate 1 --compare-paper cuhk-pedes/resnet50/stage1
+step_train 2; step_evaluate 2 --compare-paper cuhk-pedes/resnet50/stage2
 python evaluate.py --table "$RUNS/stage1/results_test.json" "$RUNS/stage2/results_test.json"

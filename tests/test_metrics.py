@@ -256,3 +256,12 @@ def test_cuda_matches_cpu():
     gpu = retrieval_ranks(images.double().cuda(), texts.double().cuda(), il.cuda(), tl.cuda(), chunk_size=100)
     assert torch.equal(gpu["i2t"].cpu(), cpu["i2t"]) and torch.equal(gpu["t2i"].cpu(), cpu["t2i"])
     assert evaluate_retrieval(images.cuda(), texts.cuda(), il.cuda(), tl.cuda())["rsum"] > 0
+
+
+def test_single_direction_i2t_and_non_contiguous_features():
+    images, texts, il, tl = planted(20, 5, 6, 1.0, seed=18)
+    texts_t = texts.T.contiguous().T  # same values, column-major storage
+    assert not texts_t.is_contiguous()
+    res = evaluate_retrieval(images, texts_t, il, tl, normalize=False, directions=("i2t",))
+    assert set(res) == {"i2t", "rsum", "rsum_directions"} and res["rsum_directions"] == ["i2t"]
+    assert_same(res, brute_evaluate(images, texts, il, tl, normalize=False, directions=("i2t",)))

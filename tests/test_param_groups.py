@@ -124,7 +124,7 @@ def _sgd(model: models.DualPath, stage: int) -> torch.optim.Optimizer:
 def test_stage1_step_freezes_backbone_but_uses_batch_stats(model: models.DualPath) -> None:
     opt = _sgd(model, 1)
     model.train()
-    images, tokens, labels = batch()
+    images, tokens, labels = batch(b=2)
     before_backbone = {k: v.clone() for k, v in model.image.backbone.state_dict().items()}
     before_head = model.image.fc1.weight.detach().clone()
     before_cls = model.classifier.weight.detach().clone()
@@ -175,7 +175,7 @@ def test_stage2_step_updates_backbone_and_bn_stats_with_momentum_0001(model: mod
         bn1.running_var.copy_(torch.rand(bn1.num_features) + 0.5)
     opt = _sgd(model, 2)
     model.train()
-    images, tokens, labels = batch(seed=1)
+    images, tokens, labels = batch(b=2, seed=1)
     old_mean, old_var = bn1.running_mean.clone(), bn1.running_var.clone()
     before = {n: p.detach().clone() for n, p in model.image.backbone.named_parameters()}
     seen: list[torch.Tensor] = []
@@ -195,3 +195,24 @@ def test_stage2_step_updates_backbone_and_bn_stats_with_momentum_0001(model: mod
     assert not torch.allclose(bn1.running_mean, old_mean, atol=1e-7)
     for name, p in model.image.backbone.named_parameters():
         assert not torch.equal(p, before[name]), f"backbone {name} did not move in Stage II"
+
+
+def test_new_layer_initialisation(model: models.DualPath) -> None:
+    """Spec 7.2: new convs Uniform(+-sqrt(3/fan_in)), fan_in = kernel width x C_in; new BN gamma 1, beta 0."""
+    convs = [m for part in (model.image, model.text) for m in part.modules()
+             if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear))]
+    backbone_ids = {id(m) for m in model.image.backbone.modules()}
+    convs = [m for m in convs if id(m) not in backbone_ids]
+    assert len(convs) == 2 + (14 * 3 + 4) + 1  # image fc1, fc1_1; text 3 per block + 4 shortcuts; text fc
+    for m in convs:
+        w = m.weight
+        fan_in = w.shape[1] * (w.shape[2] if w.dim() == 3 else 1) * (w.shape[3] if w.dim() == 4 else 1)
+        bound = (3.0 / fan_in) ** 0.5
+        assert w.abs().max() <= bound * (1 + 1e-6)
+        assert w.abs().max() > 0.9 * bound  # uniform over the whole range, not e.g. Kaiming normal
+        assert abs(w.mean().item()) < 0.05 * bound
+    backbone_bn = {id(m) for m in model.image.backbone.modules()}
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and id(m) not in backbone_bn:
+            assert torch.equal(m.weight, torch.ones_like(m.weight))
+            assert torch.equal(m.bias, torch.zeros_like(m.bias))

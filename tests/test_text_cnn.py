@@ -6,10 +6,8 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-import models
 from models import TextCNN, all_shifts, shift_tokens
 
 V = 40  # a tiny vocabulary; word indices 1..V, 0 = padding
