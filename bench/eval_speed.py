@@ -20,7 +20,6 @@ import argparse
 import datetime
 import math
 import os
-import platform
 import shlex
 import sys
 import time
@@ -33,6 +32,7 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from common import append_to_benchmarks, cpu_model  # noqa: E402  (bench/common.py)
 from engine.metrics import evaluate_retrieval, recall_metrics  # noqa: E402
 
 HEADING = "## 4. Evaluation: COCO 5K ranking"
@@ -81,28 +81,6 @@ def timed(fn: Callable[[], Any]) -> tuple[tuple[float, float], Any]:
     t0, c0 = time.perf_counter(), time.process_time()
     result = fn()
     return (time.perf_counter() - t0, time.process_time() - c0), result
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def append_to_benchmarks(block: str, path: Path) -> None:
-    """Append ``block`` at the end of the section HEADING (created, with the file, if missing)."""
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if HEADING not in text:
-        path.write_text(text.rstrip("\n") + f"\n\n{HEADING}\n\n{block}")
-        return
-    start = text.index(HEADING) + len(HEADING)
-    nxt = text.find("\n## ", start)
-    end = len(text) if nxt < 0 else nxt + 1
-    path.write_text(text[:end].rstrip("\n") + f"\n\n{block}" + ("\n" + text[end:] if nxt >= 0 else ""))
 
 
 def main() -> None:
@@ -162,7 +140,7 @@ def main() -> None:
         "", *table, "", metric_line, ""])
     print("\n" + block)
     if not args.no_write:
-        append_to_benchmarks(block, args.output)
+        append_to_benchmarks(block, args.output, HEADING)
         print(f"appended to {args.output}")
     if not identical:
         sys.exit(1)

@@ -204,6 +204,11 @@ class Trainer:
         self.stop_signal = signum
         self.log.print(f"signal {signal.Signals(signum).name}: finishing this step, then writing a checkpoint")
 
+    def _stop_requested(self) -> bool:
+        """True on every rank as soon as any rank got SIGTERM/SIGINT (all ranks must stop after the same step)."""
+        flag = torch.tensor(float(self.stop_signal is not None), device=self.device)
+        return all_reduce_mean(flag).item() > 0
+
     def _loader(self) -> DataLoader:
         self.batches.set_epoch(self.epoch)
         cuda = self.device.type == "cuda"
@@ -267,7 +272,7 @@ class Trainer:
                 self.log.scalars(values, self.step)
                 t_wait = t_total = 0.0
                 n_window = 0
-            if self.stop_signal is not None:
+            if self._stop_requested():
                 bar.close()
                 self.save(ckpt.LAST)
                 self.log.print(f"checkpoint written at epoch {self.epoch}, batch {self.batch}; resume with "

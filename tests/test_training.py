@@ -11,7 +11,9 @@ One prepared dataset (48 synthetic images: 32 train / 8 val / 8 test, 40 px) and
   resumable checkpoint and exits 0; a NaN loss stops the run naming the step and the terms and keeps the last good
   checkpoint; checkpoints are complete, ``weights_only`` loadable and atomic; validation never touches the test split.
 * DDP (2 gloo processes under torchrun): disjoint shards of the same global batch, and one step equals the 1-process
-  step on the combined batch (GlobalBatchNorm + gradient averaging).
+  step on the combined batch (GlobalBatchNorm + gradient averaging): image side and classifier within 1e-5; the text
+  CNN, whose float32 gradients carry 1-4 % rounding noise at this size (measured against float64), within 10 % of
+  its update (BN over the local batches instead gives > 100 %).
 
 Run as ``python -m tests.test_training --ddp-worker DATA OUT`` (by torchrun) it is the DDP worker.
 """
@@ -36,6 +38,7 @@ import models  # noqa: E402,F401  (torchvision guard first)
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
+import yaml  # noqa: E402
 
 import engine.loop as loop  # noqa: E402
 from engine import checkpoint as ckpt  # noqa: E402
@@ -268,9 +271,10 @@ def test_stage2_mining_picks_argmax_and_restores_train_mode(prepared, stage1, tm
     # the hardest candidate really is the argmax (not e.g. the first or a random one)
     sims = anchor @ pool.T
     assert torch.equal(sims.gather(1, expected[:, None])[:, 0], sims.max(1).values)
-    # _mine itself, directly: returns the same and restores train mode
+    # _mine itself, called directly, also restores train mode
     module.train()
     neg_tokens, neg_labels = trainer._mine(images, batch)
+    assert neg_tokens.shape == (h, batch["tokens"].shape[1]) and neg_labels.shape == (h,)
     assert module.training and all(m.training for m in module.modules())
 
 
@@ -285,7 +289,6 @@ def test_stage2_mining_differs_from_train_mode_selection(prepared, stage1, tmp_p
     picks = {}
     for mode in ("eval", "train"):
         ref.train(mode == "train")
-        torch.manual_seed(0)
         with torch.no_grad():
             a = l2_normalize(ref.image(images[:h])["rank"])
             p = l2_normalize(ref.text(batch["cand_tokens"])["rank"])
@@ -318,7 +321,6 @@ def test_checkpoint_contents(stage1, prepared):
     assert torch.equal(again["torch"], state["rng"]["torch"])
     assert again["numpy"][1] == state["rng"]["numpy"][1]
     # config.yaml in the run directory = the resolved config
-    import yaml
     assert yaml.safe_load((stage1["run"] / "config.yaml").read_text()) == stage1["cfg"].to_dict()
     assert json.loads((stage1["run"] / loop.DONE).read_text())["steps"] == STEPS_PER_EPOCH
 
@@ -444,8 +446,8 @@ def launch(prepared: Path, run: Path, log: Path, pause: float = 0.0, **extra) ->
     else:
         cmd = [sys.executable, str(ROOT / "train_stage1.py"), *args]
     env = {**os.environ, **SUBPROCESS_ENV}
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=open(log.with_suffix(".out"), "w"),
-                            stderr=open(log.with_suffix(".err"), "w"), start_new_session=True)
+    with open(log.with_suffix(".out"), "w") as out, open(log.with_suffix(".err"), "w") as err:
+        return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=err, start_new_session=True)
 
 
 def finish(proc: subprocess.Popen, log: Path, timeout: float = 240) -> tuple[int, str, str]:
@@ -510,7 +512,8 @@ def test_resume_after_sigkill_is_bit_identical(uninterrupted, prepared, tmp_path
     try:
         wait_for_checkpoint(proc, path, STEPS_PER_EPOCH + 1)
     finally:
-        proc.send_signal(signal.SIGKILL)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the trainer and its DataLoader worker (its own session)
         proc.wait()
     assert proc.returncode == -signal.SIGKILL
     killed = ckpt.load(path)
