@@ -3,7 +3,7 @@
 Measures ``engine.data.TrainBatches`` (decode + original crop + bicubic resize + flip + caption position shift; Stage
 II also the hard-negative candidate pool) in samples (= images) per second:
 
-* in-process (0 workers): the rate of ONE worker;
+* in-process (0 workers, 1 torch thread as in a DataLoader worker): the rate of ONE worker;
 * through a DataLoader as the Trainer builds it (batch_size=None, pin_memory on CUDA, persistent_workers off,
   the config's prefetch_factor) for each worker count, then at the largest count with persistent_workers on,
   other prefetch factors and (CUDA) pin_memory off. Each loader runs 2 epochs of K batches; reported: the wait
@@ -135,10 +135,14 @@ def main() -> None:
                      position_shift=cfg.position_shift, negatives=cfg.negatives, num_candidates=cfg.num_candidates)
     ds = TrainBatches(Prepared(data), spec)
 
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in a DataLoader worker (torch.stack would otherwise use every core)
+    ds[0]
     t0 = time.perf_counter()
     for b in range(args.inprocess):
         ds[b % len(ds)]
     per_worker = cfg.batch_size * args.inprocess / (time.perf_counter() - t0)
+    torch.set_num_threads(threads)
     print(f"in-process: {per_worker:.1f} samples/s", flush=True)
 
     def x_model(rate: float) -> str:

@@ -11,7 +11,7 @@ setting, and CPU seconds (this process + the pool's processes; compare with wall
 load on the machine took the cores).
 
 resize_many sends jobs to the pool in tasks of 16 images, so use a multiple of 16 x workers images per set
-(default 320 and 64) or the last tasks leave workers idle.
+(the defaults scale with the largest worker count) or the last tasks leave workers idle.
 
     .venv/bin/python bench/prepare_speed.py
     .venv/bin/python bench/prepare_speed.py --medium 32 --large 32 --workers 1 2 --no-write   # smoke test
@@ -78,8 +78,8 @@ def timed_resize(srcs: list[Path], out: Path, size: int, workers: int, draft: bo
 def main() -> None:
     cores = usable_cores()
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--medium", type=int, default=320, help="500x375 images (default %(default)s)")
-    ap.add_argument("--large", type=int, default=64, help="2000x1500 images (default %(default)s)")
+    ap.add_argument("--medium", type=int, default=None, help="500x375 images (default max(320, 64 x max workers))")
+    ap.add_argument("--large", type=int, default=None, help="2000x1500 images (default max(64, 32 x max workers))")
     ap.add_argument("--size", type=int, default=256, help="target shorter side (default %(default)s, the paper's)")
     ap.add_argument("--workers", type=int, nargs="+", default=sorted({1, 2, cores}),
                     help="1 = serial (always added); default %(default)s")
@@ -87,6 +87,8 @@ def main() -> None:
     add_output_args(ap)
     args = ap.parse_args()
     workers = sorted(set(args.workers) | {1})
+    args.medium = max(320, 64 * workers[-1]) if args.medium is None else args.medium  # 16-image tasks: >= 2 per
+    args.large = max(64, 32 * workers[-1]) if args.large is None else args.large  # worker, whole rounds
     sets = [("(a) 500x375", args.medium, 500, 375), ("(b) 2000x1500", args.large, 2000, 1500)]
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench_prepare_") as tmp:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import math
 import tempfile
 import time
 from pathlib import Path
@@ -46,10 +45,35 @@ class _Done(Exception):
     pass
 
 
+class _TimedLoader:
+    """Iterates the Trainer's own DataLoader, recording the (start, end) of every wait for a batch."""
+
+    def __init__(self, loader, spans: list) -> None:
+        self.loader, self.spans = loader, spans
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self):
+        it = iter(self.loader)
+        while True:
+            t0 = time.perf_counter()
+            try:
+                batch = next(it)
+            except StopIteration:
+                return
+            self.spans.append((t0, time.perf_counter()))
+            yield batch
+
+
+def _within(spans: list, t0: float, t1: float) -> float:
+    return sum(b - a for a, b in spans if t0 <= a < t1)
+
+
 def measure_loop(trainer, warmup: int, steps: int) -> dict[str, float]:
     """Run Trainer._run_epoch until warmup + steps steps are done; statistics of the last ``steps``."""
-    calls, rets, mining, logs = [], [], [], []
-    step_fn, scalars_fn = trainer.train_step, trainer.log.scalars
+    calls, rets, mining, logs, waits = [], [], [], [], []
+    step_fn, scalars_fn, loader_fn = trainer.train_step, trainer.log.scalars, trainer._loader
 
     def train_step(batch):
         calls.append(time.perf_counter())
@@ -65,7 +89,9 @@ def measure_loop(trainer, warmup: int, steps: int) -> dict[str, float]:
         scalars_fn(values, step)
         logs.append((t0, time.perf_counter()))
 
-    trainer.train_step, trainer.log.scalars = train_step, scalars  # instance attributes shadow the methods
+    # instance attributes shadow the methods; the wrappers only take timestamps
+    trainer.train_step, trainer.log.scalars = train_step, scalars
+    trainer._loader = lambda: _TimedLoader(loader_fn(), waits)
     trainer.epoch = trainer.batch = trainer.step = 0
     try:
         trainer._run_epoch()
@@ -73,15 +99,16 @@ def measure_loop(trainer, warmup: int, steps: int) -> dict[str, float]:
     except _Done:
         pass
     finally:
-        del trainer.train_step, trainer.log.scalars
+        del trainer.train_step, trainer.log.scalars, trainer._loader
         gc.collect()  # the aborted DataLoader iterator shuts its workers down
     w, n = warmup, steps
     t0, t1 = rets[w - 1], rets[w + n - 1]
     total = t1 - t0
-    logging = sum(b - a for a, b in logs if t0 <= a < t1)
-    wait = sum(calls[i] - rets[i - 1] for i in range(w, w + n)) - logging
+    gaps = sum(calls[i] - rets[i - 1] for i in range(w, w + n))  # everything outside train_step
+    wait, logging = _within(waits, t0, t1), _within(logs, t0, t1)
     return {"pairs_s": trainer.cfg.batch_size * n / total, "step_s": total / n, "wait": wait / total,
-            "mining": sum(mining[w:w + n]) / total, "logging": logging / total}
+            "mining": sum(mining[w:w + n]) / total, "logging": logging / total,
+            "other": (gaps - wait - logging) / total}
 
 
 def mining_alone_s(trainer, reps: int) -> float:
@@ -99,6 +126,7 @@ def main() -> None:
     ap.add_argument("--stage", type=int, nargs="+", choices=(1, 2), default=[1, 2])
     ap.add_argument("--steps", type=int, default=100 if cuda else 10, help="measured steps (default %(default)s)")
     ap.add_argument("--warmup", type=int, default=20 if cuda else 2, help="warm-up steps, >= 1 (default %(default)s)")
+    ap.add_argument("--repeats", type=int, default=1, help="best of R, (a) and (b) interleaved (default 1)")
     ap.add_argument("--model-steps", type=int, default=None, help="steps of (b) (default: --steps)")
     ap.add_argument("--workers", type=int, nargs="+", default=None, help="DataLoader workers (default: config)")
     ap.add_argument("--batch-size", type=int, nargs="+", default=None, help="global batch (default: config)")
@@ -122,7 +150,7 @@ def main() -> None:
     base = load_config(common.config_path(args.config, stages[0]), {"pretrained": args.pretrained},
                        stage=stages[0])
     batch_sizes = args.batch_size or [base.batch_size]
-    worker_counts = args.workers or [base.workers]
+    worker_counts = sorted(set(args.workers or [base.workers]))
     needed = (args.warmup + args.steps) * max(batch_sizes)
     data = args.data
     if data is None:
@@ -143,24 +171,29 @@ def main() -> None:
                 cfg = trainer.cfg
                 if len(trainer.batches) < args.warmup + args.steps:
                     raise SystemExit(f"{data}: {len(trainer.batches)} batches of {bs} per epoch < warmup + steps")
-                loops = []
-                for w in worker_counts:
-                    trainer.cfg.workers = w
-                    loops.append((w, measure_loop(trainer, args.warmup, args.steps)))
-                    print(f"stage {stage} batch {bs} workers {w}: loop {loops[-1][1]['pairs_s']:.1f} pairs/s",
-                          flush=True)
-                model = bs / time_repeated(model_step_fn(trainer, trainer.batches[0]),
-                                           args.model_steps or args.steps, dev, warmup=min(args.warmup, 5))
+                loops: dict[int, list] = {w: [] for w in worker_counts}
+                models = []
+                model_step = model_step_fn(trainer, trainer.batches[0])
+                for _ in range(args.repeats):  # interleaved, so that a change of load hits (a) and (b) alike
+                    for w in worker_counts:
+                        trainer.cfg.workers = w
+                        loops[w].append(measure_loop(trainer, args.warmup, args.steps))
+                        print(f"stage {stage} batch {bs} workers {w}: loop {loops[w][-1]['pairs_s']:.1f} pairs/s",
+                              flush=True)
+                    models.append(bs / time_repeated(model_step, args.model_steps or args.steps, dev,
+                                                     warmup=min(args.warmup, 5)))
+                    print(f"stage {stage} batch {bs}: model step {models[-1]:.1f} pairs/s", flush=True)
+                model = max(models)
                 hard = stage == 2 and cfg.negatives == "hard"
                 mine = mining_alone_s(trainer, max(3, args.steps // 4)) if hard else 0.0
-                print(f"stage {stage} batch {bs}: model step {model:.1f} pairs/s", flush=True)
-                for w, m in loops:
+                for w in worker_counts:
+                    m = max(loops[w], key=lambda r: r["pairs_s"])
                     ratio = m["pairs_s"] / model
                     rows.append([stage, bs, w, f"{m['pairs_s']:.1f}", f"{model:.1f}", f"{100 * ratio:.0f} %",
                                  "yes" if ratio >= 0.8 else "**no**", f"{100 * m['wait']:.1f} %",
                                  f"{100 * m['mining']:.1f} %" if hard else "–",
                                  f"{1000 * mine:.1f} ms = {100 * mine / m['step_s']:.1f} %" if hard else "–",
-                                 f"{100 * m['logging']:.1f} %"])
+                                 f"{100 * m['logging']:.1f} %", f"{100 * m['other']:.1f} %"])
                 del trainer
                 gc.collect()
                 if cuda:
@@ -173,7 +206,7 @@ def main() -> None:
                  + (" + channels_last" if base.channels_last else "")) if cuda else "fp32"
     title = (f"{Path(args.config).name}: {base.arch}, crop {base.train_crop}, feature {base.feature_dim}, text "
              f"width {base.text_width}, {p.num_classes} classes, {precision}, "
-             f"{args.steps} steps after {args.warmup} warm-up, {dev.type}")
+             f"{args.steps} steps after {args.warmup} warm-up, best of {args.repeats}, {dev.type}")
     kind = "synthetic, Flickr30k formats" if args.data is None else p.manifest.get("dataset")
     notes = [f"Data: {data} ({kind}, {len(p.split_images('train'))} training images, prepared "
              f"at {p.manifest.get('image_resize', {}).get('size')} px); pretrained {args.pretrained}; hard-negative "
@@ -181,10 +214,11 @@ def main() -> None:
              f"{base.log_every}.",
              "(a) = Trainer._run_epoch as is (real DataLoader, mining, logging); (b) = the same model's forward + "
              "backward + optimizer step on one batch already on the device. Fractions are of (a)'s loop time; "
-             "'mining' is the Trainer's own clock (not CUDA-synchronised), 'mining alone' times Trainer._mine "
-             "synchronised, as a share of (a)'s step time."]
+             "'data wait' = time in next() of the Trainer's DataLoader; 'mining' = the Trainer's own clock (not "
+             "CUDA-synchronised); 'mining alone' = Trainer._mine timed synchronised, as a share of (a)'s step time; "
+             "'other' = the rest outside train_step (progress bar, stop-signal check)."]
     lines = table(["stage", "batch", "workers", "(a) loop pairs/s", "(b) model step pairs/s", "a/b", ">= 80 %",
-                   "data wait", "mining", "mining alone", "logging"], rows, "r" * 11)
+                   "data wait", "mining", "mining alone", "logging", "other"], rows, "r" * 12)
     report(args, HEADING, title, notes, lines)
 
 
