@@ -21,7 +21,7 @@ CHOICES: dict[str, tuple] = {
     "negatives": ("hard", "random"),
     "precision": ("auto", "bf16", "fp16", "fp32"),
     "stage": (1, 2),
-    "stage1_backbone_bn": ("frozen", "update"),
+    "backbone_bn": ("paper", "update"),
 }
 
 
@@ -41,7 +41,7 @@ class Config:
     dropout: float = 0.75  # drop probability (decision 13): Flickr30k 0.75, MSCOCO 0.5, CUHK-PEDES 0.8
     classifier_bias: bool = True  # shared W bias: yes for Flickr30k-ResNet-50 and CUHK, no for MSCOCO (spec 6.1)
     position_shift: bool = True  # False = left alignment (Table 4 ablation)
-    stage1_backbone_bn: str = "frozen"  # "update": estimate the frozen backbone's BN statistics (random init only)
+    backbone_bn: str = "paper"  # "update": backbone BN statistics move at 0.1 in both stages (random init only)
     # optimisation (spec 7.1-7.4)
     batch_size: int = 32  # the global batch (split across DDP ranks)
     base_lr: float = 0.1

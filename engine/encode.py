@@ -49,17 +49,29 @@ def encode_split(model: DualPath, data: Prepared, split: str, device: torch.devi
                 img_feats[pos.numpy()] = model.image.test_feature(x).float().cpu().numpy()  # (n, 2048)
         caps = data.split_captions(split, first_k)
         caps = caps[np.isin(data.captions["image"].to_numpy()[caps], rows)]
-        txt_feats = np.zeros((len(caps), img_feats.shape[1]), dtype=np.float32)
-        lengths_all = data.captions["length"].to_numpy()
-        chunk = max(1, batch_size * 4)
-        for start in range(0, len(caps), chunk):
-            idx = caps[start:start + chunk]
-            tokens = torch.from_numpy(np.asarray(data.tokens[idx], dtype=np.int64)).to(device)
-            lengths = torch.from_numpy(lengths_all[idx].astype(np.int64)).to(device)
-            with autocast(device, precision):
-                txt_feats[start:start + len(idx)] = model.text.test_feature(tokens, lengths).float().cpu().numpy()
+        txt_feats = encode_captions(model, data, caps, device, batch_size=batch_size * 4, precision=precision)
         person = data.images["person"].to_numpy()
         return {"images": img_feats, "texts": txt_feats, "image_labels": person[rows],
                 "text_labels": data.captions["person"].to_numpy()[caps], "image_rows": rows, "caption_rows": caps}
+    finally:
+        model.train(was_training)
+
+
+@torch.no_grad()
+def encode_captions(model: DualPath, data: Prepared, rows: np.ndarray, device: torch.device, *,
+                    batch_size: int = 256, precision: str = "auto") -> np.ndarray:
+    """Spec 8.1 text features (sum over all position shifts) of caption ``rows``, in eval mode. -> (M, D)."""
+    was_training = model.training
+    model.eval()
+    try:
+        lengths_all = data.captions["length"].to_numpy()
+        feats = np.zeros((len(rows), model.text.fc.out_features), dtype=np.float32)
+        for start in range(0, len(rows), batch_size):
+            idx = rows[start:start + batch_size]
+            tokens = torch.from_numpy(np.asarray(data.tokens[idx], dtype=np.int64)).to(device)  # (b, L)
+            lengths = torch.from_numpy(lengths_all[idx].astype(np.int64)).to(device)  # (b,)
+            with autocast(device, precision):
+                feats[start:start + len(idx)] = model.text.test_feature(tokens, lengths).float().cpu().numpy()
+        return feats
     finally:
         model.train(was_training)

@@ -37,6 +37,7 @@ from prepare.images import RESIZE_MODES, load_resized
 
 from .data import Prepared, PreparedDataError, normalize_images
 from .encode import autocast
+from .encode import encode_captions as encode_caption_rows
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 CACHE_VERSION = 1
@@ -369,19 +370,7 @@ def encode_captions(model, data: Prepared, split: str = "test", device: str | to
         return rows, old["feats"]
     if progress:
         progress(f"{data.root}: encoding the {len(rows)} captions of the {split} split")
-    lengths = data.captions["length"].to_numpy()
-    feats = np.zeros((len(rows), dim), dtype=np.float32)
-    was_training = model.training
-    model.eval()
-    try:
-        for s in range(0, len(rows), batch_size):
-            idx = rows[s:s + batch_size]
-            tokens = torch.from_numpy(np.asarray(data.tokens[idx], dtype=np.int64)).to(device)
-            lens = torch.from_numpy(lengths[idx].astype(np.int64)).to(device)
-            with autocast(device, precision):
-                feats[s:s + len(idx)] = model.text.test_feature(tokens, lens).float().cpu().numpy()
-    finally:
-        model.train(was_training)
+    feats = encode_caption_rows(model, data, rows, device, batch_size=batch_size, precision=precision)
     if cache is not None:
         _atomic_savez(cache, version=np.array(CACHE_VERSION), key=np.array(key), rows=rows, feats=feats)
     return rows, feats

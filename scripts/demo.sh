@@ -10,7 +10,7 @@ CONFIG1=configs/demo.yaml; CONFIG2=configs/demo.yaml; NGPU=1
 TRAIN_ARGS=(); EVAL_ARGS=(--visualize 5)
 START=$(date +%s)
 prepare_data() {
-  [ -f "$RAW/dataset_flickr30k.json" ] || python -m prepare.synthetic --out "$RAW" --images 340 --val 50 --test 50 --seed 0 --overwrite
+  [ -f "$RAW/dataset_flickr30k.json" ] || python -m prepare.synthetic --out "$RAW" --images 200 --val 50 --test 50 --seed 0 --overwrite
   python -m prepare.flickr30k --images "$RAW/images" --captions "$RAW/results_20130124.token" \
     --split-json "$RAW/dataset_flickr30k.json" --word2vec "$RAW/word2vec.bin" --out "$PREPARED" --image-size 144
 }

@@ -6,21 +6,10 @@ import torch
 from torch import nn
 
 import models
+from tests.test_text_cnn import randomize_bn_
 from models import ImageCNN, PretrainedWeightsMissing
 
 import torchvision  # noqa: E402  (after models: the guard)
-
-
-def randomize_bn_(model: nn.Module, seed: int = 0) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                c = m.num_features
-                m.running_mean.copy_(0.1 * torch.randn(c, generator=g))
-                m.running_var.copy_(0.5 + torch.rand(c, generator=g))
-                m.weight.copy_(0.5 + torch.rand(c, generator=g))
-                m.bias.copy_(0.1 * torch.randn(c, generator=g))
 
 
 @pytest.fixture(scope="module")

@@ -218,9 +218,9 @@ def test_new_layer_initialisation(model: models.DualPath) -> None:
             assert torch.equal(m.bias, torch.zeros_like(m.bias))
 
 
-def test_stage1_backbone_bn_update_option(model: models.DualPath) -> None:
+def test_backbone_bn_update_option(model: models.DualPath) -> None:
     """Not the paper: for a random-init backbone, Stage I may estimate its BN statistics (weights stay frozen)."""
-    groups = param_groups(model, 1, stage1_backbone_bn="update")
+    groups = param_groups(model, 1, backbone_bn="update")
     backbone = {id(p) for p in model.image.backbone.parameters()}
     assert not any(id(p) in backbone for g in groups for p in g["params"])  # still frozen
     bn1 = model.image.backbone[1]
@@ -231,5 +231,5 @@ def test_stage1_backbone_bn_update_option(model: models.DualPath) -> None:
     model(images, tokens)
     assert not torch.equal(bn1.running_mean, before_mean)  # statistics follow the data
     assert torch.equal(bn1.weight, before_w)
-    with pytest.raises(ValueError, match="frozen"):
+    with pytest.raises(ValueError, match="paper"):
         set_stage(model, 1, "sometimes")
