@@ -13,8 +13,10 @@ RUNS=${RUNS:-runs/flickr8k_1k}
 NGPU=${NGPU:-1}
 IMAGE_SIZE=${IMAGE_SIZE:-144}
 if [ -z "${TRAIN_ARGS+x}" ]; then   # CPU defaults for the 1k subset: not the paper's recipe
-  TRAIN_ARGS=(--arch resnet18 --pretrained none --train_crop 128 --feature_dim 512 --text_width 0.25 --workers 1)
-  STAGE1_EPOCHS=${STAGE1_EPOCHS:-'[[8, 1.0]]'}; STAGE2_EPOCHS=${STAGE2_EPOCHS:-'[[2, 1.0], [1, 0.1]]'}
+  TRAIN_ARGS=(--arch resnet18 --pretrained none --backbone_bn update --train_crop 128 --feature_dim 512
+              --text_width 0.25 --dropout 0.0 --workers 1)
+  STAGE1_EPOCHS=${STAGE1_EPOCHS:-'[[20, 1.0]]'}; STAGE2_EPOCHS=${STAGE2_EPOCHS:-'[[3, 1.0]]'}
+  STAGE1_LR=${STAGE1_LR:-1.0}; STAGE2_LR=${STAGE2_LR:-0.1}
 fi
 # ---------------------------------------------------------------------------------------------------------------
 source "$(dirname "${BASH_SOURCE[0]}")/_setup.sh"
@@ -27,8 +29,8 @@ prepare_data() {
 }
 step_prepare
 BASE_ARGS=("${TRAIN_ARGS[@]}")
-[ -n "${STAGE1_EPOCHS:-}" ] && TRAIN_ARGS=("${BASE_ARGS[@]}" --lr_schedule "$STAGE1_EPOCHS")
+[ -n "${STAGE1_EPOCHS:-}" ] && TRAIN_ARGS=("${BASE_ARGS[@]}" --lr_schedule "$STAGE1_EPOCHS" --base_lr "$STAGE1_LR")
 step_train 1; step_evaluate 1
-[ -n "${STAGE2_EPOCHS:-}" ] && TRAIN_ARGS=("${BASE_ARGS[@]}" --lr_schedule "$STAGE2_EPOCHS")
+[ -n "${STAGE2_EPOCHS:-}" ] && TRAIN_ARGS=("${BASE_ARGS[@]}" --lr_schedule "$STAGE2_EPOCHS" --base_lr "$STAGE2_LR")
 step_train 2; step_evaluate 2
 python evaluate.py --table "$RUNS/stage1/results_test.json" "$RUNS/stage2/results_test.json"
