@@ -30,6 +30,7 @@ from .dist import all_reduce_mean, barrier, convert_batchnorm, init_distributed,
 from .encode import autocast, encode_split
 from .logging import RunLogger, retrieval_scalars
 from .metrics import evaluate_retrieval
+from .visualize import retrieval_figures
 
 DONE = "train_done.json"
 MODEL_KEYS = ("arch", "train_crop", "text_depth", "text_pool", "classifier_bias", "feature_dim", "text_width")  # must match Stage I
@@ -67,12 +68,15 @@ def make_model(cfg: Config, data: Prepared, init: dict | None) -> tuple[DualPath
     return model, init["pretrained_source"]
 
 
-def validate(module: DualPath, data: Prepared, cfg: Config, device: torch.device) -> dict[str, Any]:
+def validate(module: DualPath, data: Prepared, cfg: Config, device: torch.device
+             ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """Val-split retrieval metrics and the encoded features (spec 8.1 test-time features)."""
     feats = encode_split(module, data, "val", device, batch_size=cfg.eval_batch_size, precision=cfg.precision)
     directions = ("t2i",) if data.manifest.get("match") == "person" else ("i2t", "t2i")
     t = {k: torch.from_numpy(np.asarray(v)) for k, v in feats.items()}
-    return evaluate_retrieval(t["images"].to(device), t["texts"].to(device), t["image_labels"].to(device),
-                              t["text_labels"].to(device), directions=directions)
+    metrics = evaluate_retrieval(t["images"].to(device), t["texts"].to(device), t["image_labels"].to(device),
+                                 t["text_labels"].to(device), directions=directions)
+    return metrics, feats
 
 
 class Trainer:
@@ -299,9 +303,11 @@ class Trainer:
         """Val-split retrieval on rank 0 (the test split is never touched). True when rsum is a new best."""
         is_best = False
         if is_main() and len(self.data.split_images("val")):
-            metrics = validate(self.module, self.data, self.cfg, self.device)
+            metrics, feats = validate(self.module, self.data, self.cfg, self.device)
             record["val"] = metrics
             self.log.scalars(retrieval_scalars("val", metrics), self.step)
+            for name, grid in retrieval_figures(feats, self.data, k=5).items():  # the same queries every time
+                self.log.image(f"val/retrieval_{name}", grid, self.step)
             self.log.print(f"epoch {self.epoch}: val " + json.dumps(
                 {d: {k: round(v, 2) for k, v in metrics[d].items()} for d in ("i2t", "t2i") if d in metrics})
                 + f" rsum {metrics['rsum']:.2f}")

@@ -687,3 +687,18 @@ if __name__ == "__main__":
         ddp_worker(sys.argv[2], sys.argv[3])
     else:
         sys.exit("usage: python -m tests.test_training --ddp-worker DATA OUT  (run by torchrun)")
+
+
+def test_tensorboard_has_losses_lrs_val_metrics_and_retrieval_grids(stage1):
+    """The run directory's TensorBoard file holds every loss term, per-branch accuracy, each group's LR, val R@K
+    and the retrieval image grids written at validation."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(stage1["run"] / "tb"), size_guidance={"images": 0, "scalars": 0})
+    acc.Reload()
+    scalars, images = set(acc.Tags()["scalars"]), set(acc.Tags()["images"])
+    assert {"loss/instance_img", "loss/instance_txt", "loss/total", "acc/img_top1", "acc/txt_top1",
+            "perf/pairs_per_s", "perf/data_wait_fraction", "lr/classifier_w", "lr/new_conv", "val/rsum",
+            "val/t2i_R@1", "val/i2t_R@10"} <= scalars
+    assert {"val/retrieval_t2i", "val/retrieval_i2t"} <= images
+    grid = acc.Images("val/retrieval_t2i")[-1]
+    assert grid.width > 100 and grid.height > 50
