@@ -155,6 +155,9 @@ class TrainBatches(Dataset):
         if n_batches == 0:
             raise ValueError(f"{len(self.train_rows)} training images < one batch of {spec.batch_size}")
         self.n_batches = n_batches
+        if spec.stage == 2 and spec.negatives == "hard" and len(self.train_rows) <= spec.batch_size:
+            raise ValueError(f"hard negatives come from training images outside the batch: {len(self.train_rows)} "
+                             f"training images leave none outside a batch of {spec.batch_size}")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -129,6 +129,11 @@ class ImageCNN(nn.Module):
                 x = self.backbone(images)
         else:
             x = self.backbone(images)  # (N, C, H/32, W/32)
+        if isinstance(self.pool, nn.AvgPool2d) and min(x.shape[-2:]) < self.pool.kernel_size:
+            raise ValueError(f"an image of {tuple(images.shape[-2:])} px gives a {tuple(x.shape[-2:])} feature map, "
+                             f"smaller than the {self.pool.kernel_size}x{self.pool.kernel_size} pool of a training "
+                             f"crop: test images must be at least the training crop (prepare with --image-size >= "
+                             f"train_crop)")
         x = self.pool(x)  # (N, C, h, w)
         x = F.relu(self.fc1_bn(self.fc1(x)))  # (N, hidden, h, w)
         return self.fc1_1_bn(self.fc1_1(x))  # (N, 2048, h, w)

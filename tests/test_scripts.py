@@ -13,10 +13,10 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_flickr8k_script_runs_every_stage_then_skips(tmp_path):
-    raw = make_synthetic(tmp_path / "raw", images=44, val=6, test=6, seed=3)
+    raw = make_synthetic(tmp_path / "raw", images=76, val=6, test=6, seed=3)
     env = dict(os.environ, IMAGES=str(raw["images_dir"]), CAPTIONS=str(raw["captions"]),
                SPLIT_JSON=str(raw["split_json"]), WORD2VEC=str(raw["word2vec"]), PREPARED=str(tmp_path / "prep"),
-               RUNS=str(tmp_path / "runs"), IMAGE_SIZE="48", STAGE1_EPOCHS="[[1, 1.0]]",
+               RUNS=str(tmp_path / "runs"), IMAGE_SIZE="144", STAGE1_EPOCHS="[[1, 1.0]]",
                STAGE2_EPOCHS="[[1, 1.0]]", OMP_NUM_THREADS="1")
     first = subprocess.run(["bash", "scripts/flickr8k.sh"], cwd=ROOT, env=env, capture_output=True, text=True,
                            timeout=900)

@@ -55,7 +55,7 @@ STEPS_PER_EPOCH = 4  # 32 training images / batch 8
 # The CLI runs (kill / SIGTERM): configs/demo.yaml + these overrides; 2 epochs, a checkpoint after every step.
 CLI_OVERRIDES = dict(arch="resnet18", pretrained="none", train_crop=32, feature_dim=64, text_width=0.0625,
                      batch_size=8, workers=0, eval_batch_size=16, lr_schedule=[[2, 1.0]], log_every=1,
-                     dropout=0.5, checkpoint_every_steps=1)
+                     dropout=0.5, checkpoint_every_steps=1, val_every=1, backbone_bn="paper")
 # One thread everywhere: these models are tiny, several OpenMP threads only fight over 2 (shared) cores, and the
 # in-process resume of the SIGTERM test must run with the thread count of the subprocesses to be bit-identical.
 SUBPROCESS_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
