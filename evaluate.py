@@ -15,9 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -81,15 +79,6 @@ def score(feats: dict, coco_1k: bool, directions: tuple[str, ...]) -> dict:
     if coco_1k:
         return evaluate_coco_1k(*args)
     return evaluate_retrieval(*args, directions=directions)
-
-
-def write_json_atomic(obj: dict, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1, default=float)
-    os.replace(tmp, path)
 
 
 def from_checkpoint(args: argparse.Namespace) -> tuple[dict, dict]:
@@ -158,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         from engine.paper import compare_with_paper
         print(compare_with_paper(results, args.compare_paper))
     if args.out:
+        from engine.checkpoint import write_json_atomic
         write_json_atomic(results, args.out)
         print(f"wrote {args.out}")
     if args.visualize and data is not None:

@@ -7,6 +7,7 @@ killed at any moment leaves either the previous checkpoint or the new one, never
 """
 from __future__ import annotations
 
+import json
 import os
 import random
 import tempfile
@@ -45,6 +46,21 @@ def save_atomic(obj: dict[str, Any], path: str | Path) -> None:
             torch.save(obj, f)
             f.flush()
             os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(obj: Any, path: str | Path) -> None:
+    """JSON (results, search output) written to a temporary file in the same directory, then renamed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(obj, f, indent=1, ensure_ascii=False, default=float)
+            f.write("\n")
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -166,7 +166,11 @@ class TrainBatches(Dataset):
         return self.n_batches
 
     def permutation(self) -> np.ndarray:
-        return np.random.default_rng([self.spec.seed, self.epoch]).permutation(self.train_rows)
+        """The epoch's image order (cached per epoch: 113,287 rows for MSCOCO)."""
+        if getattr(self, "_perm_epoch", None) != self.epoch:
+            self._perm = np.random.default_rng([self.spec.seed, self.epoch]).permutation(self.train_rows)
+            self._perm_epoch = self.epoch
+        return self._perm
 
     def _rng(self, *key: int) -> np.random.Generator:
         return np.random.default_rng([self.spec.seed, self.epoch, *key])
@@ -204,7 +208,7 @@ class TrainBatches(Dataset):
         batch = {"images": torch.stack([x[0] for x in samples]),  # (b, 3, crop, crop) uint8
                  "tokens": torch.from_numpy(np.stack([x[1] for x in samples])),  # (b, L)
                  "labels": torch.tensor([x[2] for x in samples])}  # (b,)
-        batch["text_labels"] = batch["labels"].clone()
+        batch["text_labels"] = batch["labels"].clone()  # Stage I: caption i belongs to image i
         if s.stage == 2:
             batch.update(self._negatives(b, batch["labels"], perm[start:start + s.batch_size]))
             if "replace_at" in batch:  # random negatives: an Xn of the anchor's own identity was redrawn
@@ -212,7 +216,7 @@ class TrainBatches(Dataset):
                 batch["images"][at] = batch.pop("replace_images")
                 batch["labels"][at] = batch.pop("replace_labels")
             h = len(positions) // 2  # texts: [Yp; Yn]; Yn is filled in by mining (hard) or given (random)
-            batch["text_labels"] = batch["labels"].clone()
+            batch["text_labels"] = batch["labels"].clone()  # after the Xn replacement above
             if "neg_tokens" in batch:
                 batch["tokens"][h:] = batch.pop("neg_tokens")
                 batch["text_labels"][h:] = batch.pop("neg_labels")

@@ -211,6 +211,8 @@ class Trainer:
 
     def _stop_requested(self) -> bool:
         """True on every rank as soon as any rank got SIGTERM/SIGINT (all ranks must stop after the same step)."""
+        if self.world == 1:
+            return self.stop_signal is not None
         flag = torch.tensor(float(self.stop_signal is not None), device=self.device)
         return all_reduce_mean(flag).item() > 0
 

@@ -20,16 +20,14 @@ Python API (implemented in ``engine/search_index.py``, re-exported here): ``enco
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any, Sequence
 
 import models  # noqa: F401  (first: installs the torchvision guard)
 import torch
 
+from .checkpoint import write_json_atomic
 from .data import Prepared, PreparedDataError
 from .search_index import (  # noqa: F401  (re-exported: the Python API of engine.search)
     IMAGE_SUFFIXES,
@@ -118,19 +116,6 @@ def _resolve_device(name: str) -> torch.device:
     return dev
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Everything after parsing; raises SearchError (or a data/checkpoint error) on bad input."""
     from .model_io import load_model
@@ -195,7 +180,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 print(f"  {h['rank']:>4}  {h['score']:>7.4f}  {h['caption']}  [{h['image_file']}]")
             result["image_queries"].append({"image": str(img), "split": args.split, "results": hits})
     if args.json:
-        _write_json(args.json, result)
+        write_json_atomic(result, args.json)
         print(f"\nresults written to {args.json}")
     return result
 
