@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from models.param_groups import check_lr_mults
+
 CHOICES: dict[str, tuple] = {
     "arch": ("resnet18", "resnet50", "resnet152", "vgg19"),
     "text_depth": ("res50", "res152"),
@@ -48,6 +50,7 @@ class Config:
     momentum: float = 0.9
     nesterov: bool = True
     weight_decay: float = 1e-4
+    lr_mults: dict = field(default_factory=dict)  # {group: multiplier} replacing the paper's (models/param_groups.py)
     lr_schedule: list = field(default_factory=lambda: [[240, 1.0]])  # [[epochs, factor], ...]
     # losses (spec 6.3): Stage I uses lambda_rank = 0
     lambda_rank: float = 0.0
@@ -169,7 +172,12 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
         values["stage"] = stage
     checked = {k: _check(k, v, where) for k, v in values.items()}
     checked.update({k: _check(k, v, "command line") for k, v in (overrides or {}).items()})
-    return Config(**checked)
+    cfg = Config(**checked)
+    try:
+        check_lr_mults(cfg.lr_mults, cfg.stage)
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return cfg
 
 
 def config_from_dict(values: dict[str, Any]) -> Config:

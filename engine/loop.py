@@ -101,7 +101,7 @@ class Trainer:
         if self.channels_last:
             self.module.image.to(memory_format=torch.channels_last)
         groups = param_groups(self.module, cfg.stage, cfg.base_lr, cfg.weight_decay,  # also freezes (Stage I)
-                              backbone_bn=cfg.backbone_bn)
+                              backbone_bn=cfg.backbone_bn, lr_mults=cfg.lr_mults)
         self.optimizer = torch.optim.SGD(groups, lr=cfg.base_lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cfg.lr_factor)
         fp16 = cfg.precision == "fp16" and self.device.type == "cuda"

@@ -94,15 +94,33 @@ def _classify(model: DualPath) -> dict[str, list[nn.Parameter]]:
     return groups
 
 
+GROUPS = tuple(dict.fromkeys([*NEW_MULTS, *RESNET_MULTS, *VGG_MULTS]))
+
+
+def check_lr_mults(lr_mults: dict, stage: int) -> None:
+    """Reject an override of an unknown group, a negative multiplier, or a backbone multiplier in Stage I."""
+    for name, mult in lr_mults.items():
+        if name not in GROUPS:
+            raise ValueError(f"lr_mults: unknown parameter group {name!r}; valid groups: {list(GROUPS)}")
+        if isinstance(mult, bool) or not isinstance(mult, (int, float)) or mult < 0:
+            raise ValueError(f"lr_mults: {name} must be a number >= 0, got {mult!r}")
+        if stage == 1 and name.startswith("backbone"):
+            raise ValueError(f"lr_mults: {name} is a backbone group, frozen in Stage I; set it for Stage II")
+
+
 def param_groups(model: DualPath, stage: int, base_lr: float = 0.1, weight_decay: float = 1e-4,
-                 backbone_bn: str = "paper") -> list[dict]:
+                 backbone_bn: str = "paper", lr_mults: dict | None = None) -> list[dict]:
     """Groups for ``torch.optim.SGD(groups, momentum=0.9, nesterov=True)``. Each carries ``name`` and
-    ``lr_mult``; ``lr`` = base_lr x lr_mult. Stage I leaves the backbone out (frozen). Calls ``set_stage``."""
+    ``lr_mult``; ``lr`` = base_lr x lr_mult. Stage I leaves the backbone out (frozen). Calls ``set_stage``.
+    ``lr_mults`` replaces the paper's multiplier of the groups it names (e.g. ``{"backbone_conv": 0.5}``
+    for a randomly initialised backbone, which the paper's 0.02 would leave almost untrained)."""
+    check_lr_mults(lr_mults or {}, stage)
     set_stage(model, stage, backbone_bn)
     mults = dict(NEW_MULTS)
     if stage == 2:
         mults.update(VGG_MULTS if model.image.arch.startswith("vgg") else RESNET_MULTS)
         mults.setdefault("backbone_b", 0.02)
+    mults.update({k: float(v) for k, v in (lr_mults or {}).items()})
     classified = _classify(model)
     all_params = {id(p) for p in model.parameters()}
     seen = {id(p) for ps in classified.values() for p in ps}

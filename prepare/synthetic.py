@@ -88,25 +88,31 @@ def default_holdout(images: int) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- scenes and images
-def make_scenes(n: int, rng: np.random.Generator) -> list[tuple[str, list[Shape]]]:
-    """n (background, shapes) scenes with pairwise different multisets of (shape, colour, size)."""
+def make_scenes(n: int, rng: np.random.Generator, colours: int = len(COLOURS), shapes: int = len(SHAPES)
+                ) -> list[tuple[str, list[Shape]]]:
+    """n (background, shapes) scenes with pairwise different multisets of (shape, colour, size), drawn from the
+    first ``colours`` colours and first ``shapes`` shapes (a smaller palette makes every part frequent)."""
+    if not (1 <= colours <= len(COLOURS) and 1 <= shapes <= len(SHAPES)):
+        raise ValueError(f"colours must be in 1..{len(COLOURS)} and shapes in 1..{len(SHAPES)}, "
+                         f"got {colours} and {shapes}")
     seen: set[tuple] = set()
     scenes: list[tuple[str, list[Shape]]] = []
-    colours, bgs, sizes = list(COLOURS), list(BACKGROUNDS), list(SIZES)
+    palette, kinds, bgs, sizes = list(COLOURS)[:colours], SHAPES[:shapes], list(BACKGROUNDS), list(SIZES)
     tries = 0
     while len(scenes) < n:
         tries += 1
         if tries > 200 * n + 1000:
-            raise RuntimeError(f"cannot draw {n} unique scenes")
+            raise ValueError(f"cannot draw {n} unique scenes from {colours} colours x {shapes} shapes; "
+                             f"use fewer images or a larger palette")
         count = int(rng.choice([1, 2, 3], p=[0.2, 0.4, 0.4]))
         cells = rng.choice(9, size=count, replace=False)
-        shapes = [(SHAPES[int(rng.integers(len(SHAPES)))], colours[int(rng.integers(len(colours)))],
-                   sizes[int(rng.integers(2))], int(c) // 3, int(c) % 3) for c in cells]
-        ident = tuple(sorted(s[:3] for s in shapes))
+        shapes_ = [(kinds[int(rng.integers(len(kinds)))], palette[int(rng.integers(len(palette)))],
+                    sizes[int(rng.integers(2))], int(c) // 3, int(c) % 3) for c in cells]
+        ident = tuple(sorted(s[:3] for s in shapes_))
         if ident in seen:
             continue
         seen.add(ident)
-        scenes.append((bgs[int(rng.integers(len(bgs)))], sorted(shapes, key=lambda s: (s[3], s[4]))))
+        scenes.append((bgs[int(rng.integers(len(bgs)))], sorted(shapes_, key=lambda s: (s[3], s[4]))))
     return scenes
 
 
@@ -259,27 +265,29 @@ def train_word2vec(sentences: list[list[str]], path: Path, seed: int) -> int:
     return len(keys)
 
 
-def _readme(images: int, seed: int, counts: dict[str, int], vocab: int) -> str:
+def _readme(images: int, seed: int, counts: dict[str, int], vocab: int, colours: int, shapes: int) -> str:
     return (
         "Synthetic dataset in the Flickr30k raw formats, written by `python -m prepare.synthetic`.\n\n"
         f"Command: python -m prepare.synthetic --out DIR --images {images} --seed {seed} "
-        f"--val {counts['val']} --test {counts['test']}\n"
+        f"--val {counts['val']} --test {counts['test']} --colours {colours} --shapes {shapes}\n"
         f"Images: {images} (train {counts['train']} / val {counts['val']} / test {counts['test']}), 5 captions each.\n"
-        "Each image is a unique scene of 1-3 coloured shapes (circle, square, triangle, star, cross, diamond;\n"
-        "8 colours; small/large) in distinct cells of a 3x3 grid on a white/gray/black background.\n"
+        f"Each image is a unique scene of 1-3 coloured shapes ({', '.join(SHAPES[:shapes])};\n"
+        f"colours {', '.join(list(COLOURS)[:colours])}; small/large) in distinct cells of a 3x3 grid on a\n"
+        "white/gray/black background.\n"
         "Uniqueness holds for the multiset of (shape, colour, size), so identity survives horizontal flips and\n"
         "crops. The 5 captions of an image describe the same scene with synonyms, different templates/orders\n"
         "and partial descriptions.\n\n"
         "Files: images/<id>.jpg, results_20130124.token, dataset_flickr30k.json (Karpathy schema),\n"
         "scenes.json (ground truth, not part of Flickr30k), word2vec.bin (binary word2vec, 300-d).\n"
-        f"word2vec.bin: gensim Word2Vec (CBOW, seed {seed}, workers=1, min_count=1, case kept) on the TRAINING\n"
+        f"word2vec.bin: gensim Word2Vec (skip-gram, 30 epochs, mean vector removed, seed {seed}, workers=1, min_count=1, case kept) on the TRAINING\n"
         f"captions split on spaces; {vocab} words. Deliberately absent: {', '.join(DROPPED_WORDS)} (like GoogleNews),\n"
         f"pure punctuation tokens, and '{HELDOUT_WORD}' (used only in val/test captions).\n"
         "Same seed and arguments -> byte-identical files.\n")
 
 
 def make_synthetic(out_dir: str | Path, images: int = 600, seed: int = 0, val: int | None = None,
-                   test: int | None = None, overwrite: bool = False) -> dict[str, Any]:
+                   test: int | None = None, overwrite: bool = False, colours: int = len(COLOURS),
+                   shapes: int = len(SHAPES)) -> dict[str, Any]:
     """Write the synthetic raw dataset into out_dir (atomically) and return its paths and counts."""
     out = Path(out_dir)
     val = default_holdout(images) if val is None else val
@@ -291,7 +299,7 @@ def make_synthetic(out_dir: str | Path, images: int = 600, seed: int = 0, val: i
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty (use --overwrite)")
     rng, rnd = np.random.default_rng(seed), random.Random(seed)
-    scenes = make_scenes(images, rng)
+    scenes = make_scenes(images, rng, colours, shapes)
     order = rng.permutation(images)
     split = ["train"] * images
     for i in order[:val]:
@@ -308,10 +316,10 @@ def make_synthetic(out_dir: str | Path, images: int = 600, seed: int = 0, val: i
     try:
         (tmp / "images").mkdir(parents=True)
         token_lines, json_images, scene_rows, train_sents = [], [], [], []
-        for i, (bg, shapes) in enumerate(scenes):
+        for i, (bg, parts) in enumerate(scenes):
             fname = f"{ids[i]}.jpg"
-            render(bg, shapes, rng).save(tmp / "images" / fname, quality=90)
-            caps = make_captions(bg, shapes, rnd, heldout=i in heldout_at)
+            render(bg, parts, rng).save(tmp / "images" / fname, quality=90)
+            caps = make_captions(bg, parts, rnd, heldout=i in heldout_at)
             sents = []
             for k, cap in enumerate(caps):
                 token_lines.append(f"{fname}#{k}\t{cap}\n")
@@ -321,16 +329,16 @@ def make_synthetic(out_dir: str | Path, images: int = 600, seed: int = 0, val: i
                     train_sents.append(cap.split())
             json_images.append({"filename": fname, "imgid": i, "split": split[i],
                                 "sentids": [5 * i + k for k in range(5)], "sentences": sents})
-            scene_rows.append({"filename": fname, "split": split[i], "key": scene_key(bg, shapes), "background": bg,
+            scene_rows.append({"filename": fname, "split": split[i], "key": scene_key(bg, parts), "background": bg,
                                "shapes": [dict(zip(("shape", "colour", "size", "row", "col"),
-                                                   (sh, co, sz, ROWS[r], COLS[c]))) for sh, co, sz, r, c in shapes]})
+                                                   (sh, co, sz, ROWS[r], COLS[c]))) for sh, co, sz, r, c in parts]})
         (tmp / TOKEN_FILE).write_text("".join(token_lines), encoding="utf-8")
         (tmp / SPLIT_FILE).write_text(json.dumps({"dataset": "flickr30k", "images": json_images}), encoding="utf-8")
         (tmp / "scenes.json").write_text(json.dumps(scene_rows, indent=1), encoding="utf-8")
         vocab = train_word2vec(train_sents, tmp / W2V_FILE, seed)
         counts = {"images": images, "train": split.count("train"), "val": val, "test": test,
                   "captions": 5 * images, "vocab": vocab}
-        (tmp / "README.txt").write_text(_readme(images, seed, counts, vocab), encoding="utf-8")
+        (tmp / "README.txt").write_text(_readme(images, seed, counts, vocab, colours, shapes), encoding="utf-8")
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         os.replace(tmp, out)
@@ -356,10 +364,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--test", type=int, default=None, help="test images (default: 10%% of --images, >= 1)")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists and is not "
                    "empty (default: refuse)")
+    p.add_argument("--colours", type=int, default=len(COLOURS), help=f"use the first N of the {len(COLOURS)} "
+                   f"colours ({', '.join(COLOURS)}); fewer = every part of a test scene is frequent in training "
+                   f"(default: {len(COLOURS)})")
+    p.add_argument("--shapes", type=int, default=len(SHAPES), help=f"use the first N of the {len(SHAPES)} shapes "
+                   f"({', '.join(SHAPES)}) (default: {len(SHAPES)})")
     a = p.parse_args(argv)
     t0 = time.time()
     try:
-        info = make_synthetic(a.out, images=a.images, seed=a.seed, val=a.val, test=a.test, overwrite=a.overwrite)
+        info = make_synthetic(a.out, images=a.images, seed=a.seed, val=a.val, test=a.test, overwrite=a.overwrite,
+                              colours=a.colours, shapes=a.shapes)
     except (ValueError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

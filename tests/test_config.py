@@ -222,3 +222,25 @@ def test_cli_reports_config_errors(tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err
     assert "unknown key 'dropuot'" in err and "dropout" in err
+
+
+def test_lr_mults_from_file_and_command_line(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("stage2:\n  lr_mults: {backbone_conv: 0.5, backbone_conv1: 0.5}\n")
+    assert load_config(cfg_file, stage=2).lr_mults == {"backbone_conv": 0.5, "backbone_conv1": 0.5}
+    assert load_config(cfg_file, stage=1).lr_mults == {}  # the paper's multipliers
+    over = parse_overrides(["--lr_mults", "{new_conv: 0.3}"])
+    assert load_config(cfg_file, over, stage=2).lr_mults == {"new_conv": 0.3}
+
+
+def test_lr_mults_errors_name_the_file_and_the_groups(tmp_path):
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("lr_mults: {backbone_cov: 0.5}\n")
+    with pytest.raises(ConfigError, match=r"c\.yaml.*unknown parameter group 'backbone_cov'.*backbone_conv"):
+        load_config(cfg_file, stage=2)
+    cfg_file.write_text("lr_mults: {backbone_conv: 0.5}\n")  # shared by both stages: Stage I freezes it
+    with pytest.raises(ConfigError, match="frozen in Stage I"):
+        load_config(cfg_file, stage=1)
+    cfg_file.write_text("lr_mults: [1, 2]\n")
+    with pytest.raises(ConfigError, match="'lr_mults' must be of type dict"):
+        load_config(cfg_file, stage=2)

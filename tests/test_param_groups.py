@@ -233,3 +233,26 @@ def test_backbone_bn_update_option(model: models.DualPath) -> None:
     assert torch.equal(bn1.weight, before_w)
     with pytest.raises(ValueError, match="paper"):
         set_stage(model, 1, "sometimes")
+
+
+def test_lr_mults_override_replaces_only_named_groups(model: models.DualPath) -> None:
+    """``lr_mults`` (config key) replaces the paper's multiplier of the named groups and nothing else."""
+    paper = {g["name"]: g["lr_mult"] for g in param_groups(copy.deepcopy(model), 2)}
+    groups = {g["name"]: g for g in param_groups(model, 2, base_lr=0.5,
+                                                 lr_mults={"backbone_conv": 0.7, "classifier_w": 0})}
+    assert groups["backbone_conv"]["lr_mult"] == 0.7 and groups["backbone_conv"]["lr"] == pytest.approx(0.35)
+    assert groups["classifier_w"]["lr"] == 0.0
+    for name, mult in paper.items():
+        if name not in ("backbone_conv", "classifier_w"):
+            assert groups[name]["lr_mult"] == mult and groups[name]["lr"] == pytest.approx(0.5 * mult)
+
+
+@pytest.mark.parametrize("mults, stage, match", [
+    ({"backbone_cnv": 1.0}, 2, "unknown parameter group 'backbone_cnv'.*backbone_conv"),
+    ({"new_conv": -0.1}, 2, "new_conv must be a number >= 0"),
+    ({"new_conv": "fast"}, 1, "new_conv must be a number >= 0"),
+    ({"backbone_conv": 1.0}, 1, "frozen in Stage I"),
+])
+def test_lr_mults_rejects_bad_overrides(model: models.DualPath, mults: dict, stage: int, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        param_groups(model, stage, lr_mults=mults)

@@ -155,3 +155,20 @@ def test_help() -> None:
     assert r.returncode == 0
     for flag in ("--out", "--images", "--seed", "--val", "--test", "--overwrite"):
         assert flag in r.stdout
+
+
+def test_reduced_palette(tmp_path: Path) -> None:
+    """--colours/--shapes keep only the first K colours and shapes, scenes stay unique, README records them."""
+    info = syn.make_synthetic(tmp_path / "small", images=30, seed=1, val=3, test=3, colours=2, shapes=2)
+    scenes = json.loads(Path(info["scenes"]).read_text())
+    used = {(x["colour"], x["shape"]) for s in scenes for x in s["shapes"]}
+    assert {c for c, _ in used} == {"red", "green"} and {s for _, s in used} == {"circle", "square"}
+    idents = {tuple(sorted((x["shape"], x["colour"], x["size"]) for x in s["shapes"])) for s in scenes}
+    assert len(idents) == 30
+    assert "--colours 2 --shapes 2" in Path(info["readme"]).read_text()
+    with pytest.raises(ValueError, match="colours must be in 1..8"):
+        syn.make_synthetic(tmp_path / "bad", images=10, colours=9)
+    # 1 colour x 1 shape x 2 sizes: only 9 multisets of 1-3 parts exist, 20 unique scenes cannot
+    with pytest.raises(ValueError, match="cannot draw 20 unique scenes from 1 colours x 1 shapes"):
+        syn.make_synthetic(tmp_path / "bad", images=20, colours=1, shapes=1)
+    assert not (tmp_path / "bad").exists()
