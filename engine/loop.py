@@ -12,6 +12,7 @@ import json
 import math
 import signal
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -290,7 +291,9 @@ class Trainer:
         bar.close()
         self.epoch += 1
         self.batch = 0
-        self.scheduler.step()
+        with warnings.catch_warnings():  # the LR is indexed by epoch: an epoch resumed at its very end (no step
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step", category=UserWarning)
+            self.scheduler.step()  # left) is correct, and PyTorch's order warning there is noise
         record: dict[str, Any] = {"epoch": self.epoch, "step": self.step}
         is_best = False
         if self.epoch % cfg.val_every == 0 or self.epoch == cfg.epochs:
