@@ -702,3 +702,34 @@ def test_tensorboard_has_losses_lrs_val_metrics_and_retrieval_grids(stage1):
     assert {"val/retrieval_t2i", "val/retrieval_i2t"} <= images
     grid = acc.Images("val/retrieval_t2i")[-1]
     assert grid.width > 100 and grid.height > 50
+
+
+def test_resume_at_the_very_end_of_an_epoch(prepared, tmp_path):
+    """A stop after the last step of an epoch (before its end-of-epoch bookkeeping) resumes into an empty remainder:
+    the LR schedule advances without an optimizer step. That must be silent and land on the uninterrupted state."""
+    import signal
+    import warnings
+
+    cfg = tiny(lr_schedule=[[1, 1.0], [1, 0.1]], val_every=2)
+    full = Trainer(cfg, prepared, tmp_path / "full")
+    full.fit()
+    t = Trainer(cfg, prepared, tmp_path / "run")
+    real_step = t.train_step
+
+    def step_then_stop(batch):
+        values = real_step(batch)
+        if t.step == STEPS_PER_EPOCH - 1:  # the epoch's last step (the counter moves after train_step)
+            t.stop_signal = signal.SIGTERM
+        return values
+
+    t.train_step = step_then_stop
+    assert t.fit()["stopped"]
+    state = ckpt.load(tmp_path / "run" / ckpt.LAST)
+    assert (state["epoch"], state["batch"]) == (0, STEPS_PER_EPOCH)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # PyTorch's "lr_scheduler.step() before optimizer.step()" included
+        resumed = Trainer(cfg, prepared, tmp_path / "run", resume="auto")
+        resumed.fit()
+    assert [g["lr"] for g in resumed.optimizer.param_groups] == [g["lr"] for g in full.optimizer.param_groups]
+    for (name, a), b in zip(full.module.state_dict().items(), resumed.module.state_dict().values()):
+        assert torch.equal(a, b), name
