@@ -122,6 +122,10 @@ def param_groups(model: DualPath, stage: int, base_lr: float = 0.1, weight_decay
         mults.setdefault("backbone_b", 0.02)
     mults.update({k: float(v) for k, v in (lr_mults or {}).items()})
     classified = _classify(model)
+    absent = sorted(set(lr_mults or {}) - set(classified))
+    if absent:  # e.g. a VGG group for a ResNet: it would silently change nothing
+        raise ValueError(f"lr_mults: {absent} not a parameter group of this {model.image.arch} model; its groups: "
+                         f"{sorted(classified)}")
     all_params = {id(p) for p in model.parameters()}
     seen = {id(p) for ps in classified.values() for p in ps}
     if seen != all_params:

@@ -106,13 +106,13 @@ def make_scenes(n: int, rng: np.random.Generator, colours: int = len(COLOURS), s
                              f"use fewer images or a larger palette")
         count = int(rng.choice([1, 2, 3], p=[0.2, 0.4, 0.4]))
         cells = rng.choice(9, size=count, replace=False)
-        shapes_ = [(kinds[int(rng.integers(len(kinds)))], palette[int(rng.integers(len(palette)))],
-                    sizes[int(rng.integers(2))], int(c) // 3, int(c) % 3) for c in cells]
-        ident = tuple(sorted(s[:3] for s in shapes_))
+        parts = [(kinds[int(rng.integers(len(kinds)))], palette[int(rng.integers(len(palette)))],
+                 sizes[int(rng.integers(2))], int(c) // 3, int(c) % 3) for c in cells]
+        ident = tuple(sorted(s[:3] for s in parts))
         if ident in seen:
             continue
         seen.add(ident)
-        scenes.append((bgs[int(rng.integers(len(bgs)))], sorted(shapes_, key=lambda s: (s[3], s[4]))))
+        scenes.append((bgs[int(rng.integers(len(bgs)))], sorted(parts, key=lambda s: (s[3], s[4]))))
     return scenes
 
 
@@ -279,7 +279,8 @@ def _readme(images: int, seed: int, counts: dict[str, int], vocab: int, colours:
         "and partial descriptions.\n\n"
         "Files: images/<id>.jpg, results_20130124.token, dataset_flickr30k.json (Karpathy schema),\n"
         "scenes.json (ground truth, not part of Flickr30k), word2vec.bin (binary word2vec, 300-d).\n"
-        f"word2vec.bin: gensim Word2Vec (skip-gram, 30 epochs, mean vector removed, seed {seed}, workers=1, min_count=1, case kept) on the TRAINING\n"
+        f"word2vec.bin: gensim Word2Vec (skip-gram, 30 epochs, mean vector removed, seed {seed}, workers=1,\n"
+        "min_count=1, case kept) on the TRAINING\n"
         f"captions split on spaces; {vocab} words. Deliberately absent: {', '.join(DROPPED_WORDS)} (like GoogleNews),\n"
         f"pure punctuation tokens, and '{HELDOUT_WORD}' (used only in val/test captions).\n"
         "Same seed and arguments -> byte-identical files.\n")

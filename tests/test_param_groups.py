@@ -252,6 +252,7 @@ def test_lr_mults_override_replaces_only_named_groups(model: models.DualPath) ->
     ({"new_conv": -0.1}, 2, "new_conv must be a number >= 0"),
     ({"new_conv": "fast"}, 1, "new_conv must be a number >= 0"),
     ({"backbone_conv": 1.0}, 1, "frozen in Stage I"),
+    ({"backbone_w": 1.0}, 2, r"\['backbone_w'\] not a parameter group of this resnet18 model"),  # a VGG group
 ])
 def test_lr_mults_rejects_bad_overrides(model: models.DualPath, mults: dict, stage: int, match: str) -> None:
     with pytest.raises(ValueError, match=match):
