@@ -13,7 +13,9 @@ same is done for the horizontally flipped image and added. VGG-19 (spec 4.2) use
 feeds the pre-ReLU fc7 (4096-d) to a 4096->4096->2048 head.
 
 Pretrained weights are never downloaded: ``pretrained="imagenet"`` reads torchvision's own file from the torch hub
-cache, ``pretrained=PATH`` reads a torchvision state dict, ``pretrained="none"`` is an explicit random init.
+cache, ``pretrained=PATH`` reads a torchvision state dict, ``pretrained="none"`` is an explicit random init. The
+state dict's own classifier (``fc`` / ``classifier.6``) is never used, so a backbone pretrained on any number of
+classes fits; any other missing, unexpected or mis-shaped tensor is an error naming the file.
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ import torchvision.models as tvm  # noqa: E402
 
 from .text_cnn import init_new_conv_, new_bn  # noqa: E402
 
+UNUSED_HEAD = ("fc.", "classifier.6.")  # the ImageNet classifier: never used here, so any class count is accepted
 ARCHS = {  # name -> (constructor, ImageNet weights enum, backbone output channels)
     "resnet18": (tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1, 512),
     "resnet50": (tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V1, 2048),
@@ -100,7 +103,12 @@ class ImageCNN(nn.Module):
         ctor, _, channels = ARCHS[arch]
         net = ctor(weights=None)
         if state is not None:
-            net.load_state_dict(state)
+            state = {k: v for k, v in state.items() if not k.startswith(UNUSED_HEAD)}
+            missing, unexpected = net.load_state_dict(state, strict=False)
+            missing = [k for k in missing if not k.startswith(UNUSED_HEAD)]
+            if missing or unexpected:
+                raise ValueError(f"pretrained weights {self.pretrained_source} do not fit torchvision's {arch}: "
+                                 f"missing {missing[:5]}, unexpected {unexpected[:5]}")
         self.arch = arch
         if arch.startswith("vgg"):
             self.backbone: nn.Module = VGGBackbone(net)

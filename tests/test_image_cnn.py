@@ -158,6 +158,31 @@ def test_pretrained_path_loads_state_dict(tmp_path) -> None:
         ImageCNN(arch="resnet18", pretrained=str(tmp_path / "missing.pth"))
 
 
+def test_pretrained_path_with_another_class_count_loads_backbone(tmp_path) -> None:
+    """A backbone pretrained on other classes (e.g. 65 attribute labels) fits: its classifier is never used."""
+    torch.manual_seed(6)
+    net = torchvision.models.resnet18(weights=None, num_classes=65)
+    path = tmp_path / "r18_65.pth"
+    torch.save(net.state_dict(), path)
+    model = ImageCNN(arch="resnet18", pretrained=str(path))
+    _assert_backbone_equals(model, net.state_dict())
+
+
+def test_pretrained_path_of_another_arch_is_a_clear_error(tmp_path) -> None:
+    path = tmp_path / "r50.pth"
+    torch.save(torchvision.models.resnet50(weights=None).state_dict(), path)
+    with pytest.raises(RuntimeError, match="size mismatch"):  # same keys, other shapes: PyTorch names each tensor
+        ImageCNN(arch="resnet18", pretrained=str(path))
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    del state["layer4.1.bn2.running_var"]
+    state["extra.weight"] = torch.zeros(1)
+    torch.save(state, path)
+    with pytest.raises(ValueError) as err:
+        ImageCNN(arch="resnet18", pretrained=str(path))
+    assert str(path) in str(err.value) and "layer4.1.bn2.running_var" in str(err.value)
+    assert "extra.weight" in str(err.value)
+
+
 def test_pretrained_none_and_unknown_arch() -> None:
     model = ImageCNN(arch="resnet18", pretrained="none")
     assert model.pretrained_source.startswith("none")
