@@ -19,7 +19,8 @@ Design (instance-level retrieval that a small CNN can learn on a CPU in minutes)
   identity survives horizontal flips (which swap left/right) and random crops; every shape is left-right symmetric
   and kept away from the border, so it stays recognisable under 64-100 % area crops.
 * Each image gets 5 DIFFERENT captions of the same scene: synonyms (circle/disc/ball, big/large/huge, grey/gray ...),
-  shuffled shape order, partial descriptions (a subset of the shapes, size/position/background omitted), ten
+  shuffled shape order, partial descriptions (a subset of the shapes, size/position/background omitted; with
+  ``--full-captions`` every caption names every shape with its size), ten
   sentence templates, Flickr-style space-tokenised punctuation (" , ", " . ", "( ... )", " : ") and hyphenated
   words ("top-left", "five-pointed") so that the downstream delimiter split matters, sentence-start capitals and
   occasional capitalised colour words ("Red").
@@ -232,12 +233,14 @@ def make_caption(background: str, shapes: Sequence[Shape], rnd: random.Random, f
     return " ".join(words)
 
 
-def make_captions(background: str, shapes: Sequence[Shape], rnd: random.Random, heldout: bool) -> list[str]:
-    """Five pairwise different captions; caption 0 mentions every shape with its size."""
+def make_captions(background: str, shapes: Sequence[Shape], rnd: random.Random, heldout: bool,
+                  full: bool = False) -> list[str]:
+    """Five pairwise different captions; caption 0 (every caption when ``full``) mentions every shape with its
+    size."""
     caps: list[str] = []
     while len(caps) < 5:
         k = len(caps)
-        cap = make_caption(background, shapes, rnd, full=k == 0, heldout=heldout and k == 4)
+        cap = make_caption(background, shapes, rnd, full=full or k == 0, heldout=heldout and k == 4)
         if cap not in caps:
             caps.append(cap)
     return caps
@@ -265,18 +268,21 @@ def train_word2vec(sentences: list[list[str]], path: Path, seed: int) -> int:
     return len(keys)
 
 
-def _readme(images: int, seed: int, counts: dict[str, int], vocab: int, colours: int, shapes: int) -> str:
+def _readme(images: int, seed: int, counts: dict[str, int], vocab: int, colours: int, shapes: int,
+            full_captions: bool) -> str:
     return (
         "Synthetic dataset in the Flickr30k raw formats, written by `python -m prepare.synthetic`.\n\n"
         f"Command: python -m prepare.synthetic --out DIR --images {images} --seed {seed} "
-        f"--val {counts['val']} --test {counts['test']} --colours {colours} --shapes {shapes}\n"
+        f"--val {counts['val']} --test {counts['test']} --colours {colours} --shapes {shapes}"
+        f"{' --full-captions' if full_captions else ''}\n"
         f"Images: {images} (train {counts['train']} / val {counts['val']} / test {counts['test']}), 5 captions each.\n"
         f"Each image is a unique scene of 1-3 coloured shapes ({', '.join(SHAPES[:shapes])};\n"
         f"colours {', '.join(list(COLOURS)[:colours])}; small/large) in distinct cells of a 3x3 grid on a\n"
         "white/gray/black background.\n"
         "Uniqueness holds for the multiset of (shape, colour, size), so identity survives horizontal flips and\n"
         "crops. The 5 captions of an image describe the same scene with synonyms, different templates/orders\n"
-        "and partial descriptions.\n\n"
+        + ("and every shape with its size in every caption (--full-captions).\n\n" if full_captions
+           else "and partial descriptions.\n\n") +
         "Files: images/<id>.jpg, results_20130124.token, dataset_flickr30k.json (Karpathy schema),\n"
         "scenes.json (ground truth, not part of Flickr30k), word2vec.bin (binary word2vec, 300-d).\n"
         f"word2vec.bin: gensim Word2Vec (skip-gram, 30 epochs, mean vector removed, seed {seed}, workers=1,\n"
@@ -288,7 +294,7 @@ def _readme(images: int, seed: int, counts: dict[str, int], vocab: int, colours:
 
 def make_synthetic(out_dir: str | Path, images: int = 600, seed: int = 0, val: int | None = None,
                    test: int | None = None, overwrite: bool = False, colours: int = len(COLOURS),
-                   shapes: int = len(SHAPES)) -> dict[str, Any]:
+                   shapes: int = len(SHAPES), full_captions: bool = False) -> dict[str, Any]:
     """Write the synthetic raw dataset into out_dir (atomically) and return its paths and counts."""
     out = Path(out_dir)
     val = default_holdout(images) if val is None else val
@@ -320,7 +326,7 @@ def make_synthetic(out_dir: str | Path, images: int = 600, seed: int = 0, val: i
         for i, (bg, parts) in enumerate(scenes):
             fname = f"{ids[i]}.jpg"
             render(bg, parts, rng).save(tmp / "images" / fname, quality=90)
-            caps = make_captions(bg, parts, rnd, heldout=i in heldout_at)
+            caps = make_captions(bg, parts, rnd, heldout=i in heldout_at, full=full_captions)
             sents = []
             for k, cap in enumerate(caps):
                 token_lines.append(f"{fname}#{k}\t{cap}\n")
@@ -339,7 +345,8 @@ def make_synthetic(out_dir: str | Path, images: int = 600, seed: int = 0, val: i
         vocab = train_word2vec(train_sents, tmp / W2V_FILE, seed)
         counts = {"images": images, "train": split.count("train"), "val": val, "test": test,
                   "captions": 5 * images, "vocab": vocab}
-        (tmp / "README.txt").write_text(_readme(images, seed, counts, vocab, colours, shapes), encoding="utf-8")
+        (tmp / "README.txt").write_text(_readme(images, seed, counts, vocab, colours, shapes, full_captions),
+                                        encoding="utf-8")
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         os.replace(tmp, out)
@@ -370,11 +377,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                    f"(default: {len(COLOURS)})")
     p.add_argument("--shapes", type=int, default=len(SHAPES), help=f"use the first N of the {len(SHAPES)} shapes "
                    f"({', '.join(SHAPES)}) (default: {len(SHAPES)})")
+    p.add_argument("--full-captions", action="store_true", help="every caption names every shape with its size "
+                   "(default: only the first; the others may describe a subset of the shapes, which makes some "
+                   "captions fit several scenes)")
     a = p.parse_args(argv)
     t0 = time.time()
     try:
         info = make_synthetic(a.out, images=a.images, seed=a.seed, val=a.val, test=a.test, overwrite=a.overwrite,
-                              colours=a.colours, shapes=a.shapes)
+                              colours=a.colours, shapes=a.shapes, full_captions=a.full_captions)
     except (ValueError, FileExistsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

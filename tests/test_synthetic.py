@@ -172,3 +172,30 @@ def test_reduced_palette(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="cannot draw 20 unique scenes from 1 colours x 1 shapes"):
         syn.make_synthetic(tmp_path / "bad", images=20, colours=1, shapes=1)
     assert not (tmp_path / "bad").exists()
+
+
+def _mentions(caption: str) -> tuple[int, int]:
+    """(shape nouns, size words) in a caption: one of each per shape named with its size."""
+    nouns = {syn_.split()[-1] for syns in syn.SYN_SHAPE.values() for syn_ in syns}
+    sizes = {w for syns in syn.SYN_SIZE.values() for w in syns}
+    words = caption.lower().split()
+    template = sum(a == "one" and b == "shape" for a, b in zip(words, words[1:]))  # "One shape : ..."
+    return sum(w in nouns for w in words) - template, sum(w in sizes for w in words)
+
+
+def test_full_captions_name_every_shape_and_keep_the_images(data: dict, tmp_path: Path) -> None:
+    info = syn.make_synthetic(tmp_path / "full", images=N, seed=SEED, val=VAL, test=TEST, full_captions=True)
+    assert "--full-captions" in Path(info["readme"]).read_text()
+    for which, expect_full in ((info, True), (data, False)):
+        scenes = {s["filename"]: len(s["shapes"]) for s in json.loads(Path(which["scenes"]).read_text())}
+        counts = [(_mentions(cap), scenes[f]) for f, _, cap in _token_lines(which)]
+        full = [nouns == n and sizes == n for (nouns, sizes), n in counts]
+        if expect_full:
+            assert all(full)
+        else:  # the default writes partial captions: the check above can fail
+            assert not all(full) and sum(full) >= len(scenes)  # caption 0 is always full
+    # the flag only changes the captions (and so word2vec): images and scenes are identical
+    assert _files(Path(info["images_dir"])) == _files(Path(data["images_dir"]))
+    assert Path(info["scenes"]).read_bytes() == Path(data["scenes"]).read_bytes()
+    r = subprocess.run([sys.executable, "-m", "prepare.synthetic", "--help"], capture_output=True, text=True)
+    assert "--full-captions" in r.stdout
