@@ -167,8 +167,8 @@ def synthetic_prepared(train_images: int, image_size: int, cache: Path = DEFAULT
 
 
 def default_image_size(crop: int) -> int:
-    """Prepared short side for a training crop: 256 for 224 (the paper), 144 for 128 (the demo)."""
-    return {224: 256, 128: 144}.get(crop, round(crop * 8 / 7))
+    """Prepared short side for a training crop: 256 for 224 (the paper), 72 for 64 (the demo), 144 for 128."""
+    return {224: 256, 128: 144, 64: 72}.get(crop, round(crop * 8 / 7))
 
 
 def config_path(pattern: str, stage: int) -> Path:
