@@ -20,9 +20,9 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from models.image_cnn import IMAGENET_MEAN, IMAGENET_STD
+
 FORMAT_VERSION = 1
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # decision 17: torchvision weights expect mean/std on [0, 1]
-IMAGENET_STD = (0.229, 0.224, 0.225)
 SPLITS = ("train", "val", "test")
 
 

@@ -31,6 +31,8 @@ import torchvision.models as tvm  # noqa: E402
 
 from .text_cnn import init_new_conv_, new_bn  # noqa: E402
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # decision 17: torchvision weights expect mean/std on [0, 1]
+IMAGENET_STD = (0.229, 0.224, 0.225)
 UNUSED_HEAD = ("fc.", "classifier.6.")  # the ImageNet classifier: never used here, so any class count is accepted
 ARCHS = {  # name -> (constructor, ImageNet weights enum, backbone output channels)
     "resnet18": (tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1, 512),

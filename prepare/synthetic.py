@@ -109,12 +109,17 @@ def make_scenes(n: int, rng: np.random.Generator, colours: int = len(COLOURS), s
         cells = rng.choice(9, size=count, replace=False)
         parts = [(kinds[int(rng.integers(len(kinds)))], palette[int(rng.integers(len(palette)))],
                  sizes[int(rng.integers(2))], int(c) // 3, int(c) % 3) for c in cells]
-        ident = tuple(sorted(s[:3] for s in parts))
+        ident = scene_identity(parts)
         if ident in seen:
             continue
         seen.add(ident)
         scenes.append((bgs[int(rng.integers(len(bgs)))], sorted(parts, key=lambda s: (s[3], s[4]))))
     return scenes
+
+
+def scene_identity(parts: Sequence) -> tuple:
+    """What makes a scene unique: the multiset of (shape, colour, size), ignoring position and background."""
+    return tuple(sorted(tuple(s[:3]) for s in parts))
 
 
 def scene_key(background: str, shapes: Sequence[Shape]) -> str:

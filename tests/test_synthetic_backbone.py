@@ -24,9 +24,9 @@ def test_attribute_labels_by_hand() -> None:
 
 def test_pool_skips_excluded_scenes_and_keeps_its_stream() -> None:
     a = sb.pool_scenes(40, np.random.default_rng(3))
-    excluded = {sb.scene_identity(parts) for _, parts in a[:10]}
+    excluded = {syn.scene_identity(parts) for _, parts in a[:10]}
     b = sb.pool_scenes(40, np.random.default_rng(3), excluded)
-    assert len(b) == 40 and not {sb.scene_identity(parts) for _, parts in b} & excluded
+    assert len(b) == 40 and not {syn.scene_identity(parts) for _, parts in b} & excluded
     assert b[:30] == a[10:40]  # the same stream, minus the excluded scenes
 
 
@@ -35,7 +35,7 @@ def test_excluded_identities_read_a_synthetic_dataset(tmp_path: Path) -> None:
     rows = json.loads(Path(info["scenes"]).read_text())
     ids = sb.excluded_identities(info["scenes"])
     assert len(ids) == 12
-    assert sb.scene_identity([(x["shape"], x["colour"], x["size"]) for x in rows[0]["shapes"]]) in ids
+    assert syn.scene_identity([(x["shape"], x["colour"], x["size"]) for x in rows[0]["shapes"]]) in ids
     bad = tmp_path / "bad.json"
     bad.write_text('[{"shape": "circle"}]')
     with pytest.raises(ValueError, match="bad.json: expected the scenes.json"):
