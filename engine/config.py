@@ -17,10 +17,11 @@ import yaml
 from models.param_groups import check_lr_mults
 
 CHOICES: dict[str, tuple] = {
-    "arch": ("resnet18", "resnet50", "resnet152", "vgg19"),
+    "arch": ("resnet18", "resnet50", "resnet152", "vgg16", "vgg19"),
     "text_depth": ("res50", "res152"),
     "text_pool": ("max", "avg"),
     "negatives": ("hard", "random"),
+    "ranking_loss": ("paper", "max_violation", "sum_hinge"),
     "precision": ("auto", "bf16", "fp16", "fp32"),
     "stage": (1, 2),
     "backbone_bn": ("paper", "update"),
@@ -58,6 +59,7 @@ class Config:
     lambda_txt: float = 1.0
     margin: float = 1.0
     negatives: str = "hard"  # Stage II: "hard" (Flickr30k, MSCOCO) or "random" (CUHK-PEDES), spec 7.5
+    ranking_loss: str = "paper"  # "paper" (one negative per anchor); ablations: "max_violation", "sum_hinge" (VSE++)
     num_candidates: int = 256  # hard-negative candidate pool
     # validation and checkpoints (val split only; the test split is never touched during training)
     val_every: int = 1  # epochs
@@ -66,7 +68,8 @@ class Config:
     seed: int = 0
     workers: int = 2
     prefetch_factor: int = 4
-    precision: str = "auto"  # auto = bf16 autocast on CUDA, fp32 on CPU; fp16 (+ loss scaler) for pre-Ampere GPUs
+    precision: str = "fp32"  # the paper's (TF32 matmuls on GPUs that have them); bf16 = autocast, a speed option whose
+    # effect on the paper's numbers is unmeasured; auto = bf16 on CUDA, fp32 on CPU; fp16 (+ loss scaler) pre-Ampere
     channels_last: bool = True  # CUDA only
     eval_batch_size: int = 64
     log_every: int = 10  # steps between TensorBoard scalar writes

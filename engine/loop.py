@@ -189,7 +189,8 @@ class Trainer:
         with autocast(self.device, cfg.precision):
             out = self.model(images, tokens)
         loss, terms = total_loss(out, labels, text_labels, lambda_rank=cfg.lambda_rank if cfg.stage == 2 else 0.0,
-                                 lambda_img=cfg.lambda_img, lambda_txt=cfg.lambda_txt, margin=cfg.margin)
+                                 lambda_img=cfg.lambda_img, lambda_txt=cfg.lambda_txt, margin=cfg.margin,
+                                 ranking=cfg.ranking_loss)
         finite = all_reduce_mean(torch.isfinite(loss.detach()).float())
         if finite.item() < 1:
             raise NonFiniteLoss(f"non-finite loss at step {self.step} (epoch {self.epoch}, batch {self.batch}): "

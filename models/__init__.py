@@ -11,10 +11,11 @@ Public API::
 from . import torchvision_guard  # noqa: F401  (must run before torchvision is imported anywhere)
 from .dual_path import DualPath, build_model
 from .image_cnn import ARCHS, ImageCNN, PretrainedWeightsMissing, imagenet_weights_path
-from .losses import hardest_negatives, instance_loss, l2_normalize, ranking_loss, top1_accuracy, total_loss
+from .losses import (RANKING_LOSSES, hardest_negatives, in_batch_ranking_loss, instance_loss, l2_normalize,
+                     ranking_loss, top1_accuracy, total_loss)
 from .param_groups import param_groups, set_stage
 from .text_cnn import TextCNN, all_shifts, shift_tokens
 
-__all__ = ["ARCHS", "DualPath", "ImageCNN", "PretrainedWeightsMissing", "TextCNN", "all_shifts", "build_model",
+__all__ = ["ARCHS", "RANKING_LOSSES", "in_batch_ranking_loss", "DualPath", "ImageCNN", "PretrainedWeightsMissing", "TextCNN", "all_shifts", "build_model",
            "hardest_negatives", "imagenet_weights_path", "instance_loss", "l2_normalize", "param_groups",
            "ranking_loss", "set_stage", "shift_tokens", "top1_accuracy", "total_loss"]

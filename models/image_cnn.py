@@ -9,8 +9,8 @@
 
 For training crops the map after pooling is 1x1. At test time (spec 8.1) the whole prepared image (shorter side
 256) goes through the same layers fully convolutionally; the pre-ReLU head output is summed over positions, and the
-same is done for the horizontally flipped image and added. VGG-19 (spec 4.2) uses fc6/fc7 as convolutions and
-feeds the pre-ReLU fc7 (4096-d) to a 4096->4096->2048 head.
+same is done for the horizontally flipped image and added. VGG-16/19 (spec 4.2, decision 15) use fc6/fc7 as
+convolutions and feed the pre-ReLU fc7 (4096-d) to a 4096->4096->2048 head.
 
 Pretrained weights are never downloaded: ``pretrained="imagenet"`` reads torchvision's own file from the torch hub
 cache, ``pretrained=PATH`` reads a torchvision state dict, ``pretrained="none"`` is an explicit random init. The
@@ -38,6 +38,7 @@ ARCHS = {  # name -> (constructor, ImageNet weights enum, backbone output channe
     "resnet18": (tvm.resnet18, tvm.ResNet18_Weights.IMAGENET1K_V1, 512),
     "resnet50": (tvm.resnet50, tvm.ResNet50_Weights.IMAGENET1K_V1, 2048),
     "resnet152": (tvm.resnet152, tvm.ResNet152_Weights.IMAGENET1K_V1, 2048),
+    "vgg16": (tvm.vgg16, tvm.VGG16_Weights.IMAGENET1K_V1, 4096),  # CUHK-PEDES (Table 5)
     "vgg19": (tvm.vgg19, tvm.VGG19_Weights.IMAGENET1K_V1, 4096),
 }
 
