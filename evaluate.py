@@ -49,8 +49,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="write PNG grids of the top-K results for a few queries next to --out and to TensorBoard")
     p.add_argument("--save-embeddings", metavar="NPZ", help="also save the encoded features (--checkpoint)")
     p.add_argument("--batch-size", type=int, default=64, help="images per encoding batch (default 64)")
-    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
-                   help="autocast for encoding (auto: bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--precision", default="fp32", choices=("auto", "bf16", "fp16", "fp32"),
+                   help="encoding precision (default fp32, the paper's, with TF32 matmuls on CUDA; bf16/fp16: "
+                        "autocast; auto: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     args = p.parse_args(argv)
     if args.checkpoint and not args.data:

@@ -18,6 +18,17 @@ from models import DualPath
 from .data import Prepared, TestImages, normalize_images
 
 
+def allow_tf32(device: torch.device, precision: str) -> bool:
+    """fp32 on CUDA: let matmuls and convolutions use TF32 tensor cores where the GPU has them (Ampere and later;
+    10-bit mantissa products, fp32 accumulation: the "fp32 with TF32" of the paper recipes). Returns True when
+    set. CPU and the autocast precisions are left alone."""
+    if device.type != "cuda" or precision != "fp32":
+        return False
+    torch.set_float32_matmul_precision("high")
+    torch.backends.cudnn.allow_tf32 = True
+    return True
+
+
 def autocast(device: torch.device, precision: str):
     """bf16 autocast on CUDA unless fp32 was asked for; fp32 on CPU unless bf16 was asked for."""
     if precision == "fp16" and device.type == "cuda":
@@ -36,6 +47,7 @@ def encode_split(model: DualPath, data: Prepared, split: str, device: torch.devi
     ``max_images`` encodes only the first images of the split (quick validation)."""
     was_training = model.training
     model.eval()
+    allow_tf32(device, precision)
     try:
         rows = data.split_images(split)
         if max_images:

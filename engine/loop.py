@@ -28,7 +28,7 @@ from . import checkpoint as ckpt
 from .config import Config, config_from_dict
 from .data import Prepared, TrainBatches, TrainSpec, normalize_images
 from .dist import all_reduce_mean, barrier, convert_batchnorm, init_distributed, is_main
-from .encode import autocast, encode_split
+from .encode import allow_tf32, autocast, encode_split
 from .logging import RunLogger, retrieval_scalars
 from .metrics import evaluate_retrieval
 from .visualize import retrieval_figures
@@ -90,6 +90,7 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
             torch.backends.cudnn.benchmark = True
+            allow_tf32(self.device, cfg.precision)  # fp32 recipes: TF32 matmuls where the GPU has them
         self.log = RunLogger(self.run_dir, enabled=is_main())
         self.data = Prepared(data_dir)
         torch.manual_seed(cfg.seed)  # identical initialisation on every rank
