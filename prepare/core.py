@@ -32,6 +32,10 @@ DELIMITERS = "-.,()"  # spec 2.1, plus any whitespace; consecutive delimiters co
 COCO_DELIMITERS = DELIMITERS + "?"
 KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
 MAX_EXAMPLES = 5
+DICTIONARY_RULES = ("train", "original")
+WHITESPACE_DICTIONARY = ("flickr30k", "flickr8k")  # make_dictionary.m differs from the indexing only for these
+EXPECTED_DICTIONARY = {"flickr30k": 20074, "coco": 29972, "cuhk_pedes": 7263}  # the original's V (spec 2.1)
+GOOGLENEWS_WORDS = 3_000_000
 
 
 class PrepareError(Exception):
@@ -86,6 +90,37 @@ def build_dictionary(train_tokens: Sequence[Sequence[str]], word2vec_words: Sequ
     present = {t for toks in train_tokens for t in toks}
     seen: set[str] = set()
     return [w for w in word2vec_words if w in present and not (w in seen or seen.add(w))]
+
+
+def dictionary_tokens(dataset: str, rule: str, captions: Sequence[tuple[str, str]],
+                      token_lists: Sequence[Sequence[str]]) -> tuple[list[Sequence[str]], str]:
+    """The token lists the dictionary is built from, and the rule's description for the manifest.
+
+    ``captions`` = (split, raw text) per caption, ``token_lists`` = their delimiter tokenisation (used to index).
+    rule "train" (default, leak-free): the indexing tokens of the training captions. rule "original": as the
+    original code built the dictionary; for Flickr30k (make_dictionary.m on the train + val captions written by
+    train_txt.m) the raw captions of train AND val split on whitespace only; for MSCOCO and CUHK-PEDES the original
+    already is the "train" rule (training captions, the indexing delimiters)."""
+    if rule not in DICTIONARY_RULES:
+        raise PrepareError(f"unknown --dictionary-rule {rule!r}; valid: {', '.join(DICTIONARY_RULES)}")
+    if rule == "original" and dataset in WHITESPACE_DICTIONARY:
+        return ([raw.split() for split, raw in captions if split != "test"],
+                "train + val captions split on whitespace (the original make_dictionary.m)")
+    train = [t for (split, _), t in zip(captions, token_lists) if split == "train"]
+    same = " (= the original code's rule for this dataset)" if dataset not in WHITESPACE_DICTIONARY else ""
+    return train, "train captions only, indexing delimiters" + same
+
+
+def dictionary_size_warning(dataset: str, rule: str, size: int, word2vec_info: dict) -> str | None:
+    """A message when the full GoogleNews file gave a dictionary whose size differs from the original code's."""
+    expected = EXPECTED_DICTIONARY.get(dataset)
+    full = (word2vec_info.get("vectors_in_file") == GOOGLENEWS_WORDS
+            and word2vec_info.get("vectors_scanned") == GOOGLENEWS_WORDS)
+    original_rule = rule == "original" or dataset not in WHITESPACE_DICTIONARY
+    if expected is None or not full or not original_rule or size == expected:
+        return None
+    return (f"{size} words with the full GoogleNews file; the original code's {dataset} dictionary has {expected} "
+            f"(rule {rule!r}; the same holds only with the original split and caption files)")
 
 
 def index_captions(token_lists: Sequence[Sequence[str]], dictionary: Sequence[str],
@@ -308,10 +343,18 @@ def write_prepared(dataset: str, images: Sequence[RawImage], args: argparse.Name
     token_lists = [tokenize(raw, delimiters) for _, _, raw in rows]
     is_train = np.array([images[i].split == "train" for i, _, _ in rows], dtype=bool)
     train_tokens = [t for t, tr in zip(token_lists, is_train) if tr]
-    vectors = word2vec.vectors_from_args(args, train_tokens)
+    rule = getattr(args, "dictionary_rule", "train")
+    dict_tokens, dict_from = dictionary_tokens(dataset, rule, [(images[i].split, raw) for i, _, raw in rows],
+                                               token_lists)
+    if rule == "original" and word2vec.is_trained(args):
+        raise PrepareError("--dictionary-rule original needs a word2vec file (GoogleNews), not --word2vec train")
+    vectors = word2vec.vectors_from_args(args, dict_tokens)
     if not word2vec.is_trained(args):
         inputs = {**inputs, "word2vec": Path(args.word2vec)}
-    dictionary = build_dictionary(train_tokens, vectors.words)
+    dictionary = build_dictionary(dict_tokens, vectors.words)
+    size_warning = dictionary_size_warning(dataset, rule, len(dictionary), vectors.info)
+    if size_warning:
+        warnings.add("dictionary_size", size_warning)
     if not dictionary:
         raise PrepareError(f"no token of the training captions is a key of {args.word2vec} "
                            f"(keys are case-sensitive; wrong file?)")
@@ -349,7 +392,7 @@ def write_prepared(dataset: str, images: Sequence[RawImage], args: argparse.Name
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "image_dir": "images", "word2vec": vectors.info,
         "text": {"delimiters": delimiters + " (and whitespace)", "delimiter_chars": delimiters, "case_sensitive": True,
-                 "dictionary_from": "train captions only",
+                 "dictionary_rule": rule, "dictionary_from": dict_from,
                  "train_token_types": len({t for x in train_tokens for t in x}),
                  "train_tokens": train_occ,
                  "train_tokens_in_dictionary": int(sum(t in dict_set for x in train_tokens for t in x))},
@@ -386,6 +429,10 @@ def add_common_args(parser: argparse.ArgumentParser, *, max_len: int) -> None:
                         help="resize target S in pixels (default 256, the paper's; the demo uses 128)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, metavar="N",
                         help="image-resizing processes (default: number of CPUs, here %(default)s; 1 = no pool)")
+    parser.add_argument("--dictionary-rule", choices=DICTIONARY_RULES, default="train",
+                        help="train (default): dictionary = training-caption tokens found in word2vec (no val/test "
+                             "leak); original: as the original code (Flickr30k: train + val captions split on "
+                             "whitespace, 20,074 words with GoogleNews; MSCOCO / CUHK-PEDES: the same as train)")
     parser.add_argument("--skip-missing", action="store_true",
                         help="an image named by the split that is missing on disk or has no captions is skipped "
                              "and counted (warnings split_image_missing / split_image_no_captions) instead of "
