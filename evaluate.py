@@ -99,6 +99,8 @@ def from_checkpoint(args: argparse.Namespace) -> tuple[dict, dict]:
             "pretrained_source": state.get("pretrained_source"), "config": state.get("config"),
             "data": str(Path(args.data).resolve()), "dataset": data.manifest["dataset"],
             "match": data.manifest.get("match", "image"), "encode_seconds": round(time.perf_counter() - t0, 2),
+            "split_mode": data.manifest.get("split_mode"),
+            "dictionary_rule": data.manifest.get("text", {}).get("dictionary_rule", "train"),
             "_data": data}
     return feats, meta
 

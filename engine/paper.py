@@ -6,7 +6,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["DEFAULT_PATH", "load_paper_rows", "available_rows", "compare_with_paper"]
+__all__ = ["DEFAULT_PATH", "load_paper_rows", "load_paper_splits", "available_rows", "compare_with_paper"]
 
 DEFAULT_PATH = Path(__file__).resolve().parents[1] / "configs" / "paper_results.yaml"
 REQUIRED = ("id", "dataset", "split", "protocol", "description", "source", "confirmed")
@@ -44,6 +44,31 @@ def load_paper_rows(path: str | Path | None = None) -> dict[str, dict[str, Any]]
     return rows
 
 
+def load_paper_splits(path: str | Path | None = None) -> dict[str, dict[str, str]]:
+    """dataset -> {"split_mode", "description"}: the split each dataset's paper numbers come from."""
+    path = Path(path) if path is not None else DEFAULT_PATH
+    data = yaml.safe_load(path.read_text())
+    splits = data.get("paper_splits", {}) if isinstance(data, dict) else {}
+    for name, s in splits.items():
+        if not isinstance(s, dict) or not {"split_mode", "description"} <= set(s):
+            raise ValueError(f"{path}: paper_splits.{name} needs split_mode and description")
+    return splits
+
+
+def split_lines(results: dict[str, Any], dataset: str, path: str | Path | None = None) -> list[str]:
+    """Which split produced our numbers (the manifest's split_mode) and the paper's, with a note when they differ."""
+    paper = load_paper_splits(path).get(dataset)
+    ours = results.get("split_mode")
+    if paper is None:
+        return []
+    lines = [f"Split: ours {ours or 'unknown (not in the results)'}; the paper's {paper['split_mode']} "
+             f"({paper['description']})."]
+    if ours != paper["split_mode"]:
+        lines.append("NOTE: our numbers come from another image split than the paper's: comparable in protocol "
+                     "and size, not image for image.")
+    return lines
+
+
 def available_rows(path: str | Path | None = None) -> list[str]:
     """All row ids of the paper-results file."""
     return list(load_paper_rows(path))
@@ -71,6 +96,7 @@ def compare_with_paper(results: dict[str, Any], row_id: str, path: str | Path | 
         if key in results and results[key] != row[key]:
             lines.append(f"WARNING: our {key} is {results[key]!r} but the paper row's is {row[key]!r}: "
                          "the numbers are not comparable.")
+    lines += split_lines(results, row["dataset"], path)
     lines += ["", "| metric | paper | ours | difference (ours − paper) |", "|---|---:|---:|---:|"]
     for d in DIRECTIONS:
         for m in METRICS:

@@ -73,3 +73,16 @@ def test_malformed_file_is_rejected(tmp_path):
     bad.write_text("rows:\n  - id: x\n    dataset: d\n")
     with pytest.raises(ValueError, match="lacks"):
         load_paper_rows(bad)
+
+
+def test_compare_states_which_split_produced_the_numbers():
+    ours = {"i2t": {"R@1": 50.0}, "split": "test", "protocol": "flickr30k-1k-test"}
+    md = compare_with_paper({**ours, "split_mode": "flickr8k_lists"}, "flickr30k/resnet50/stage2")
+    assert "Split: ours flickr8k_lists; the paper's flickr8k_lists" in md and "NOTE" not in md
+    md = compare_with_paper({**ours, "split_mode": "karpathy_json"}, "flickr30k/resnet50/stage2")
+    assert "Split: ours karpathy_json; the paper's flickr8k_lists" in md and "another image split" in md
+    md = compare_with_paper({"i2t": {"R@1": 40.0}, "split_mode": "karpathy_json"}, "coco/resnet50/stage2/5k")
+    assert "matlab_random" in md and "cannot be rebuilt" in md and "another image split" in md
+    md = compare_with_paper({"t2i": {"R@1": 40.0}, "split_mode": "official"}, "cuhk-pedes/vgg16/stage2")
+    assert "Split: ours official; the paper's official" in md and "NOTE" not in md
+    assert "ours unknown" in compare_with_paper({}, "flickr30k/vgg19/stage1")
