@@ -1,4 +1,5 @@
-"""Every command in the README's (and the docs pages') fenced bash blocks is run by a test or by the demo, or parses.
+"""Every command in the README's (and the docs pages') fenced bash blocks is run by a test or by the demo, or parses;
+every relative link of those pages resolves.
 
 A python command (``python X.py ...`` / ``python -m M ...``) is executed in-process as ``__main__`` with argparse's
 ``parse_known_args`` wrapped: the entry point's own parser parses the documented arguments (required flags, types,
@@ -221,3 +222,29 @@ def test_parse_only_rejects_what_the_parser_rejects(monkeypatch: pytest.MonkeyPa
         with pytest.raises(AssertionError):
             check_python(argv, monkeypatch, tmp_path)
     assert not any(tmp_path.iterdir())
+
+
+# Pages that colleagues write on their own branches; README links them already. Remove a name once its page is merged.
+PENDING_PAGES = {"docs/matconvnet.md", "docs/recipes.md", "docs/browser.md", "docs/cli.md"}
+
+
+def slug(heading: str) -> str:
+    """GitHub's anchor of a markdown heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_relative_links_resolve(page: str) -> None:
+    text = (ROOT / page).read_text(encoding="utf-8")
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+://", target):
+            continue
+        path, _, anchor = target.partition("#")
+        file = (ROOT / page).parent / path if path else ROOT / page
+        rel = file.resolve().relative_to(ROOT).as_posix()
+        if rel in PENDING_PAGES:
+            continue
+        assert file.is_file(), f"{page}: link {target} -> {rel} does not exist"
+        if anchor:
+            headings = re.findall(r"^#+ (.*)$", file.read_text(encoding="utf-8"), flags=re.M)
+            assert anchor in {slug(h) for h in headings}, f"{page}: no heading for #{anchor} in {rel}"
