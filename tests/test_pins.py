@@ -14,7 +14,8 @@ import torch
 from scipy import stats
 
 import engine.data as data_mod
-from engine.data import TrainBatches, TrainSpec, normalize_images, original_crop_box
+from engine.data import TrainBatches, TrainSpec, original_crop_box
+from models import ImageCNN
 
 
 def chi_square_uniform(values: np.ndarray, lo: float, hi: float, bins: int = 10) -> float:
@@ -159,14 +160,24 @@ def test_cuhk_random_negatives_are_always_another_identity(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------- normalisation (17)
-def test_torchvision_normalisation_mean_std_on_0_1():
-    x = torch.tensor([[[[0, 255]], [[128, 64]], [[255, 1]]]], dtype=torch.uint8)  # (1, 3, 1, 2)
-    got = normalize_images(x)
-    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torchvision's ImageNet weights
+PIXELS = torch.tensor([[[[0, 255]], [[128, 64]], [[255, 1]]]], dtype=torch.uint8)  # (1, 3, 1, 2)
+
+
+def test_torchvision_style_normalisation_by_hand():
+    got = ImageCNN("resnet18", "none").normalize(PIXELS)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # torchvision's ImageNet weights, on [0, 1]
     want = [[(0 / 255 - mean[0]) / std[0], (255 / 255 - mean[0]) / std[0]],
             [(128 / 255 - mean[1]) / std[1], (64 / 255 - mean[1]) / std[1]],
             [(255 / 255 - mean[2]) / std[2], (1 / 255 - mean[2]) / std[2]]]
-    assert got.dtype == torch.float32 and torch.allclose(got[0, :, 0], torch.tensor(want), atol=1e-6)
+    assert got.dtype == torch.float32 and torch.allclose(got[0, :, 0], torch.tensor(want), atol=1e-5)
+
+
+def test_caffe_style_normalisation_by_hand():
+    from tests.test_caffe_style import WIDTH
+    got = ImageCNN("resnet50", "none", style="caffe", backbone_width=WIDTH, pixel_mean=(119.8557, 113.9346, 103.9336)
+                   ).normalize(PIXELS)  # MSCOCO's hard-coded imdb.rgbMean (spec 2.3): 0-255 minus the mean, no std
+    want = [[0 - 119.8557, 255 - 119.8557], [128 - 113.9346, 64 - 113.9346], [255 - 103.9336, 1 - 103.9336]]
+    assert torch.allclose(got[0, :, 0], torch.tensor(want), atol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------- COCO captions (7)
