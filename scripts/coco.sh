@@ -17,20 +17,21 @@ echo "[split] MSCOCO uses Karpathy's split (113,287 / 5,000 / 5,000). The paper'
 echo "        with MATLAB rng(1) (same sizes, other images) and cannot be rebuilt: the numbers are comparable in"
 echo "        protocol and size, not image for image."
 case "$ARCH" in
-  resnet50) CONFIG1=configs/coco_stage1.yaml; CONFIG2=configs/coco_stage2.yaml; ROW=coco/resnet50/stage2 ;;
-  vgg19) CONFIG1=configs/coco_vgg19_stage1.yaml; CONFIG2=configs/coco_vgg19_stage2.yaml; ROW= ;;  # no paper number
+  resnet50) CONFIG1=configs/coco_stage1.yaml; CONFIG2=configs/coco_stage2.yaml
+            COMPARE_5K=(--compare-paper coco/resnet50/stage2/5k); COMPARE_1K=(--compare-paper coco/resnet50/stage2/1k) ;;
+  vgg19) CONFIG1=configs/coco_vgg19_stage1.yaml; CONFIG2=configs/coco_vgg19_stage2.yaml
+         COMPARE_5K=(); COMPARE_1K=() ;;  # no MSCOCO VGG-19 number was seen (spec 9.3)
   *) echo "error: ARCH=$ARCH; valid: resnet50, vgg19" >&2; exit 2 ;;
 esac
 TRAIN_ARGS=(); EVAL_ARGS=()
 prepare_data() {
   python -m prepare.coco --images "$IMAGES" --split-json "$SPLIT_JSON" --word2vec "$WORD2VEC" --out "$PREPARED"
 }
-compare() { if [ -n "$ROW" ]; then echo --compare-paper "$ROW/$1"; fi; }  # MSCOCO VGG-19: no paper number
 step_prepare
 step_train 1; step_evaluate 1
-step_train 2; step_evaluate 2 $(compare 5k)
+step_train 2; step_evaluate 2 "${COMPARE_5K[@]}"
 ck="$RUNS/stage2/checkpoint_last.pt"
 python evaluate.py --checkpoint "$ck" --data "$PREPARED" --split test --coco-1k --out "$RUNS/stage2/results_test_1k.json" \
-  $(compare 1k)
+  "${COMPARE_1K[@]}"
 python evaluate.py --checkpoint "$ck" --data "$PREPARED" --split test --first-k 5 --out "$RUNS/stage2/results_test_5k_first5.json"
 python evaluate.py --table "$RUNS"/stage*/results_test*.json

@@ -25,16 +25,19 @@ case "$ARCH" in
   *) echo "error: ARCH=$ARCH; valid: resnet50, resnet152, vgg19" >&2; exit 2 ;;
 esac
 case "$SPLIT" in
-  original) SPLIT_ARGS=(--flickr8k-lists "$FLICKR8K_LISTS")
-            echo "[split] the original code's split (Flickr8k dev/test images as val/test), as the paper" ;;
-  karpathy) SPLIT_ARGS=(--split-json "$SPLIT_JSON")
-            echo "[split] Karpathy's split (SPLIT=karpathy): not the paper's; its numbers are not image for image comparable" ;;
+  original) echo "[split] the original code's split (Flickr8k dev/test images as val/test), as the paper" ;;
+  karpathy) echo "[split] Karpathy's split (SPLIT=karpathy): not the paper's; its numbers are not image for image comparable" ;;
   *) echo "error: SPLIT=$SPLIT; valid: original, karpathy" >&2; exit 2 ;;
 esac
-TRAIN_ARGS=(); EVAL_ARGS=(--visualize 5)
+TRAIN_ARGS=(); EVAL_ARGS=(--visualize 5); DICTIONARY_ARGS=(--dictionary-rule "$DICTIONARY_RULE")
 prepare_data() {
-  python -m prepare.flickr30k --images "$IMAGES" --captions "$CAPTIONS" "${SPLIT_ARGS[@]}" \
-    --dictionary-rule "$DICTIONARY_RULE" --word2vec "$WORD2VEC" --out "$PREPARED"
+  if [ "$SPLIT" = original ]; then
+    python -m prepare.flickr30k --images "$IMAGES" --captions "$CAPTIONS" --flickr8k-lists "$FLICKR8K_LISTS" \
+      --word2vec "$WORD2VEC" --out "$PREPARED" "${DICTIONARY_ARGS[@]}"
+  else
+    python -m prepare.flickr30k --images "$IMAGES" --captions "$CAPTIONS" --split-json "$SPLIT_JSON" \
+      --word2vec "$WORD2VEC" --out "$PREPARED" "${DICTIONARY_ARGS[@]}"
+  fi
 }
 step_prepare
 step_train 1; step_evaluate 1 --compare-paper "flickr30k/$ARCH/stage1"
