@@ -232,3 +232,19 @@ def test_one_full_size_forward(stem: str, size: int) -> None:
     assert out["img_feature"].shape == (1, 2048) and out["txt_feature"].shape == (2, 2048)
     assert out["img_logits"].shape == (1, DATA.num_classes) and torch.isfinite(out["img_logits"]).all()
     assert math.isfinite(out["txt_logits"].sum().item())
+
+
+def test_fp32_recipes_allow_tf32_on_cuda_only() -> None:
+    """Precision, fidelity first: fp32 on a CUDA device lets matmuls use TF32 ("high"); CPU and bf16 leave the
+    global setting alone. (torch.device("cuda") needs no GPU to be named.)"""
+    from engine.encode import allow_tf32
+    before = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert not allow_tf32(torch.device("cpu"), "fp32")
+        assert not allow_tf32(torch.device("cuda"), "bf16")
+        assert torch.get_float32_matmul_precision() == "highest"
+        assert allow_tf32(torch.device("cuda"), "fp32")
+        assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.set_float32_matmul_precision(before)
