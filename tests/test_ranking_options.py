@@ -101,3 +101,14 @@ def test_unknown_option_lists_the_choices() -> None:
     out = {"img_rank": IMG, "txt_rank": TXT, "img_logits": torch.zeros(4, 3), "txt_logits": torch.zeros(4, 3)}
     with pytest.raises(ValueError, match="paper.*max_violation.*sum_hinge"):
         total_loss(out, IMG_LABELS, TXT_LABELS, lambda_rank=1.0, lambda_img=1.0, lambda_txt=1.0, ranking="vsepp")
+
+
+def test_config_key_selects_the_option_and_rejects_others() -> None:
+    from pathlib import Path
+
+    from engine.config import ConfigError, load_config
+    cfg2 = Path(__file__).resolve().parents[1] / "configs" / "flickr30k_stage2.yaml"
+    assert load_config(cfg2, stage=2).ranking_loss == "paper"  # the paper's loss is the default
+    assert load_config(cfg2, {"ranking_loss": "max_violation"}, stage=2).ranking_loss == "max_violation"
+    with pytest.raises(ConfigError, match="ranking_loss.*paper.*max_violation.*sum_hinge"):
+        load_config(cfg2, {"ranking_loss": "vsepp"}, stage=2)
