@@ -15,7 +15,7 @@ clock, not CUDA-synchronised) and logging; and the mining alone timed with synch
 step time.
 
 Defaults: on CPU configs/demo.yaml (ResNet-18, 64-px crops, demo widths) on the synthetic dataset prepared at 72 px;
-on CUDA the paper recipe configs/flickr30k_stage{1,2}.yaml (ResNet-50, 224, batch 32, bf16 autocast, channels_last)
+on CUDA the paper recipe configs/flickr30k_stage{1,2}.yaml (ResNet-50, 224, batch 32, its precision, channels_last)
 with --pretrained none, on the synthetic dataset prepared at 256 px with 29,783 training images (Flickr30k's
 number of classes, so the shared W has its real size). Datasets are cached under runs/bench_data/.
 
