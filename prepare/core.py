@@ -308,15 +308,24 @@ def write_prepared(dataset: str, images: Sequence[RawImage], args: argparse.Name
     token_lists = [tokenize(raw, delimiters) for _, _, raw in rows]
     is_train = np.array([images[i].split == "train" for i, _, _ in rows], dtype=bool)
     train_tokens = [t for t, tr in zip(token_lists, is_train) if tr]
-    vectors = word2vec.vectors_from_args(args, train_tokens)
-    if not word2vec.is_trained(args):
-        inputs = {**inputs, "word2vec": Path(args.word2vec)}
-    dictionary = build_dictionary(train_tokens, vectors.words)
-    if not dictionary:
-        raise PrepareError(f"no token of the training captions is a key of {args.word2vec} "
-                           f"(keys are case-sensitive; wrong file?)")
-    row_of = {w: i for i, w in enumerate(vectors.words)}
-    matrix = np.ascontiguousarray(vectors.vectors[[row_of[w] for w in dictionary]], dtype=np.float32)
+    if getattr(args, "dictionary", None) is not None:  # a given dictionary (e.g. the authors'): no dictionary built
+        from prepare.dictionary import given_dictionary_from_args
+        dictionary, matrix, vectors_info, dictionary_source = given_dictionary_from_args(args)
+        if vectors_info.get("source") == "file":  # a word list: the vectors came from --word2vec
+            inputs = {**inputs, "word2vec": Path(args.word2vec)}
+    else:
+        if args.word2vec is None:
+            raise PrepareError("--word2vec FILE|train is required (unless --dictionary gives the words and vectors)")
+        vectors = word2vec.vectors_from_args(args, train_tokens)
+        if not word2vec.is_trained(args):
+            inputs = {**inputs, "word2vec": Path(args.word2vec)}
+        dictionary = build_dictionary(train_tokens, vectors.words)
+        if not dictionary:
+            raise PrepareError(f"no token of the training captions is a key of {args.word2vec} "
+                               f"(keys are case-sensitive; wrong file?)")
+        row_of = {w: i for i, w in enumerate(vectors.words)}
+        matrix = np.ascontiguousarray(vectors.vectors[[row_of[w] for w in dictionary]], dtype=np.float32)
+        vectors_info, dictionary_source = vectors.info, "train captions only"
     tokens, lengths, full = index_captions(token_lists, dictionary, args.max_len)
     for r in np.flatnonzero(lengths == 0):
         i, k, raw = rows[r]
@@ -347,9 +356,11 @@ def write_prepared(dataset: str, images: Sequence[RawImage], args: argparse.Name
         "splits": splits, "warnings": {}, "args": {k: _json_safe(v) for k, v in sorted(vars(args).items())},
         "inputs": {role: file_record(p) for role, p in inputs.items()},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "image_dir": "images", "word2vec": vectors.info,
+        "image_dir": "images", "word2vec": vectors_info,
+        "dictionary_source": dictionary_source,
+        "dictionary_sha256": hashlib.sha256("".join(w + "\n" for w in dictionary).encode("utf-8")).hexdigest(),
         "text": {"delimiters": delimiters + " (and whitespace)", "delimiter_chars": delimiters, "case_sensitive": True,
-                 "dictionary_from": "train captions only",
+                 "dictionary_from": dictionary_source if isinstance(dictionary_source, str) else "given (--dictionary)",
                  "train_token_types": len({t for x in train_tokens for t in x}),
                  "train_tokens": train_occ,
                  "train_tokens_in_dictionary": int(sum(t in dict_set for x in train_tokens for t in x))},
@@ -390,6 +401,11 @@ def add_common_args(parser: argparse.ArgumentParser, *, max_len: int) -> None:
                         help="an image named by the split that is missing on disk or has no captions is skipped "
                              "and counted (warnings split_image_missing / split_image_no_captions) instead of "
                              "being an error")
+    parser.add_argument("--dictionary", type=Path, default=None, metavar="FILE",
+                        help="index the captions with this dictionary instead of building one: the authors' "
+                             "make_dictionary.m output (flickr30k_dictionary.mat, COCO_dictionary.mat, "
+                             "CUHK-PEDES_dictionary.mat: words and vectors), or a one-word-per-line text file "
+                             "(vectors from --word2vec); needed to evaluate the released MatConvNet models")
     word2vec.add_arguments(parser)
 
 
