@@ -129,7 +129,8 @@ class Trainer:
                 "rng": ckpt.rng_state(), "epoch": self.epoch, "batch": self.batch, "step": self.step,
                 "best": self.best, "history": self.history, "config": self.cfg.to_dict(), "stage": self.cfg.stage,
                 "pretrained_source": self.pretrained_source, "complete": complete,
-                "data": {k: self.data.manifest.get(k) for k in ("dataset", "num_classes", "vocab_size", "max_len")}}
+                "data": {k: self.data.manifest.get(k) for k in ("dataset", "num_classes", "vocab_size", "max_len",
+                                                                     "dictionary_sha256")}}
 
     def save(self, name: str = ckpt.LAST, complete: bool = False) -> None:
         if is_main():

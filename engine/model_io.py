@@ -39,6 +39,9 @@ def load_model(checkpoint_path: str | Path, data: Prepared | str | Path,
     trained_on = state.get("data") or {}
     diff = {k: (trained_on[k], data.manifest.get(k)) for k in CHECKED_KEYS
             if trained_on.get(k) is not None and trained_on[k] != data.manifest.get(k)}
+    ours, theirs = trained_on.get("dictionary_sha256"), data.manifest.get("dictionary_sha256")
+    if ours is not None and theirs is not None and ours != theirs:  # older files without the hash: vocab only
+        diff["dictionary_sha256"] = (ours, theirs)
     if diff:
         raise CheckpointMismatch(
             f"{path} was trained on prepared data {trained_on.get('dataset')!r} that differs from {data.root} "
