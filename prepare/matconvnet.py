@@ -119,6 +119,28 @@ def _now() -> str:
 
 
 # ------------------------------------------------------------------------------------------------ commands
+def backbone_state(dag: Any) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Check and convert an ImageNet ResNet DagNN: (torchvision-key state dict of tensors, sidecar fields)."""
+    from prepare import matconvnet_net as mn
+
+    entries, info = mn.resnet_spec(dag)
+    if "fc1000_filter" in dag.params:  # the ImageNet classifier: kept as fc.* (the image CNN ignores it)
+        f = dag.params["fc1000_filter"]
+        names = ("fc1000_filter", "fc1000_bias") if "fc1000_bias" in dag.params else ("fc1000_filter",)
+        entries.append(mn.Entry("linear", "fc1000", names, "fc", (1, 1, info["backbone_channels"], int(f.shape[-1]))))
+    mn.check_inventory(dag, entries)
+    mn.check_resnet_geometry(dag)
+    eps = mn.bn_eps(dag, entries)
+    mean = mn.average_rgb(dag)
+    state = _to_torch(mn.convert(dag, entries, eps))
+    sidecar = {"format": "dualpath-backbone", "style": "caffe", "arch": info["arch"], "bn_eps": eps,
+               "backbone_width": info["backbone_width"], "pixel_mean": mean,
+               "input": "RGB 0-255 minus pixel_mean, no std", "source": str(dag.path), "md5": None,
+               "converter": CONVERTER, "converter_version": CONVERTER_VERSION, "created": _now(),
+               "warnings": dag.warnings}
+    return state, sidecar
+
+
 def convert_backbone(path: Path, out: Path, overwrite: bool = False) -> dict[str, Any]:
     """imagenet-resnet-*-dag.mat -> OUT (state dict) + OUT.json (sidecar). Returns the sidecar."""
     import json
@@ -127,27 +149,10 @@ def convert_backbone(path: Path, out: Path, overwrite: bool = False) -> dict[str
 
     import torch
 
-    from prepare import matconvnet_net as mn
-
     sidecar_path = Path(str(out) + ".json")
     _refuse_existing([out, sidecar_path], overwrite)
-    dag = load_dagnn(path)
-    entries, info = mn.resnet_spec(dag)
-    optional: tuple[str, ...] = ()
-    if "fc1000_filter" in dag.params:  # the ImageNet classifier: kept as fc.* (the image CNN ignores it)
-        f = dag.params["fc1000_filter"]
-        names = ("fc1000_filter", "fc1000_bias") if "fc1000_bias" in dag.params else ("fc1000_filter",)
-        entries.append(mn.Entry("linear", "fc1000", names, "fc", (1, 1, info["backbone_channels"], int(f.shape[-1]))))
-    mn.check_inventory(dag, entries, optional)
-    mn.check_resnet_geometry(dag)
-    eps = mn.bn_eps(dag, entries)
-    mean = mn.average_rgb(dag)
-    state = _to_torch(mn.convert(dag, entries, eps))
-    sidecar = {"format": "dualpath-backbone", "style": "caffe", "arch": info["arch"], "bn_eps": eps,
-               "backbone_width": info["backbone_width"], "pixel_mean": mean,
-               "input": "RGB 0-255 minus pixel_mean, no std", "source": str(path.resolve()), "md5": md5sum(path),
-               "converter": CONVERTER, "converter_version": CONVERTER_VERSION, "created": _now(),
-               "warnings": dag.warnings}
+    state, sidecar = backbone_state(load_dagnn(path))
+    sidecar.update(source=str(path.resolve()), md5=md5sum(path))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmps = []
     try:  # both files complete before either is renamed; the sidecar first (a .json alone is harmless)
@@ -174,24 +179,14 @@ def _infer_dataset(max_len: int, classifier_bias: bool) -> str:
     return "cuhk_pedes" if max_len == 56 else "flickr30k" if classifier_bias else "coco"
 
 
-def convert_model(path: Path, dictionary: Path, out: Path, data: Path | None = None, dataset: str | None = None,
-                  overwrite: bool = False) -> dict[str, Any]:
-    """A trained net-epoch-N.mat -> a DualPath checkpoint. Returns the checkpoint's metadata (no tensors)."""
-    import json
-
+def model_checkpoint(dag: Any, given: Any, manifest: dict[str, Any] | None = None, dataset: str | None = None,
+                     where: str = "--data") -> dict[str, Any]:
+    """Check and convert a trained DualPath DagNN: the full checkpoint dict (``model`` = tensors)."""
     import torch
 
-    from engine.checkpoint import save_atomic
     from prepare import matconvnet_net as mn
-    from prepare.core import check_file
-    from prepare.dictionary import dictionary_sha256, read_given_dictionary
+    from prepare.dictionary import dictionary_sha256
 
-    _refuse_existing([out], overwrite)
-    given = read_given_dictionary(dictionary)
-    manifest = None
-    if data is not None:
-        manifest = json.loads(check_file(data / "manifest.json", "--data manifest").read_text())
-    dag = load_dagnn(path)
     backbone, info = mn.resnet_spec(dag)
     head, head_info = mn.head_spec(dag, info["backbone_channels"])
     dim = head_info["feature_dim"]
@@ -203,17 +198,17 @@ def convert_model(path: Path, dictionary: Path, out: Path, data: Path | None = N
     vocab, max_len = text_info["vocab_size"], text_info["max_len"]
     sha = dictionary_sha256(given.words)
     if len(given.words) != vocab:
-        raise mn.ConvertError(f"{path}: the network's word2vec layer fc2f has {vocab} words but --dictionary "
-                              f"{dictionary} has {len(given.words)}; give the dictionary the network was trained with")
+        raise dag.fail(f"the network's word2vec layer fc2f has {vocab} words but the dictionary "
+                       f"{given.info['path']} has {len(given.words)}; give the dictionary the network was trained with")
     if manifest is not None:
         want = {"vocab_size": vocab, "dictionary_sha256": sha, "max_len": max_len,
                 "num_classes": cls_info["num_classes"]}
-        diff = [f"{k} {manifest.get(k)!r} (prepared) vs {v!r} (network/dictionary)" for k, v in want.items()
+        diff = [f"{k} {manifest.get(k)!r} (prepared) vs {v!r} (network + dictionary)" for k, v in want.items()
                 if manifest.get(k) != v]
         if diff:
-            raise mn.ConvertError(f"--data {data} does not match {path} with --dictionary {dictionary}: "
-                                  f"{'; '.join(diff)}. Prepare the data with --dictionary {dictionary} "
-                                  f"--max-len {max_len} and the original split (its number of training classes)")
+            raise dag.fail(f"does not match the prepared directory {where}: {'; '.join(diff)}. Prepare the data with "
+                           f"--dictionary {given.info['path']} --max-len {max_len} and the original split (its number "
+                           f"of training classes)")
     dataset = dataset or (manifest or {}).get("dataset") or _infer_dataset(max_len, cls_info["classifier_bias"])
     eps = mn.bn_eps(dag, backbone)
     mean = mn.average_rgb(dag)
@@ -222,30 +217,49 @@ def convert_model(path: Path, dictionary: Path, out: Path, data: Path | None = N
     if len(dropouts) > 1:
         dag.warnings.append(f"dropout rates differ {dropouts}; the config records {dropouts[0]}")
     stage = 2 if any(layer.type in ("dagnn.RankLoss", "dagnn.LRN") for layer in dag.layers.values()) else 1
-    match = re.search(r"net-epoch-(\d+)\.mat$", path.name)
+    match = re.search(r"net-epoch-(\d+)\.mat$", dag.path.name)
     arrays = mn.convert(dag, entries, eps)
     arrays = {(backbone_key(k) if not k.startswith(("image.", "text.", "classifier")) else k): v
               for k, v in arrays.items()}
     model = _to_torch(arrays)
     model["image.pixel_mean"] = torch.tensor(mean, dtype=torch.float32)
     model["image.pixel_std"] = torch.ones(3)
-    md5 = md5sum(path)
     config = {"dataset": dataset, "stage": stage, "arch": info["arch"], "pretrained": "none", "train_crop": 224,
               "text_depth": "res50", "text_pool": text_info["text_pool"], "feature_dim": dim,
               "text_width": text_info["text_width"], "dropout": dropouts[0] if dropouts else 0.75,
               "classifier_bias": cls_info["classifier_bias"], "backbone_style": "caffe", "backbone_bn_eps": eps,
               "backbone_width": info["backbone_width"]}
-    meta = {"config": config, "stage": stage, "epoch": int(match.group(1)) if match else None, "complete": True,
-            "pretrained_source": f"matconvnet {path.resolve()} (md5 {md5})",
+    return {"model": model, "config": config, "stage": stage, "epoch": int(match.group(1)) if match else None,
+            "complete": True, "pretrained_source": f"matconvnet {dag.path}",
             "data": {"dataset": dataset, "num_classes": cls_info["num_classes"], "vocab_size": vocab,
                      "max_len": max_len, "dictionary_sha256": sha},
-            "provenance": {"source": str(path.resolve()), "md5": md5, "converter": CONVERTER,
+            "provenance": {"source": str(dag.path), "md5": None, "converter": CONVERTER,
                            "converter_version": CONVERTER_VERSION, "dictionary": given.info,
                            "dictionary_sha256": sha, "pixel_mean": mean, "created": _now(),
                            "warnings": list(dag.warnings)},
             "history": [], "best": {"rsum": None, "epoch": None}}
-    save_atomic({"model": model, **meta}, out)
-    return meta
+
+
+def convert_model(path: Path, dictionary: Path, out: Path, data: Path | None = None, dataset: str | None = None,
+                  overwrite: bool = False) -> dict[str, Any]:
+    """A trained net-epoch-N.mat -> a DualPath checkpoint at ``out``. Returns the checkpoint without tensors."""
+    import json
+
+    from engine.checkpoint import save_atomic
+    from prepare.core import check_file
+    from prepare.dictionary import read_given_dictionary
+
+    _refuse_existing([out], overwrite)
+    given = read_given_dictionary(dictionary)
+    manifest = None
+    if data is not None:
+        manifest = json.loads(check_file(data / "manifest.json", "--data manifest").read_text())
+    ckpt = model_checkpoint(load_dagnn(path), given, manifest, dataset, where=f"--data {data}")
+    md5 = md5sum(path)
+    ckpt["pretrained_source"] = f"matconvnet {path.resolve()} (md5 {md5})"
+    ckpt["provenance"].update(source=str(path.resolve()), md5=md5)
+    save_atomic(ckpt, out)
+    return {k: v for k, v in ckpt.items() if k != "model"}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -152,8 +152,9 @@ def _from_h5(f: Any, obj: Any) -> Any:
         refs = {k: np.asarray(d[()]).T.ravel(order="F") for k, d in datasets.items()}  # MATLAB order
         count = len(next(iter(refs.values())))
         return [{k: _from_h5(f, f[refs[k][i]]) for k in fields} for i in range(count)]
-    empty = obj.attrs.get("MATLAB_empty")
-    if empty is not None and int(np.asarray(empty).ravel()[0]):  # data = the MATLAB dimensions
+    # An empty array is stored as its dimensions (uint64) with MATLAB_empty = 1; only then read that attribute.
+    empty = obj.attrs.get("MATLAB_empty") if obj.dtype == np.uint64 and obj.ndim == 1 else None
+    if empty is not None and int(np.asarray(empty).ravel()[0]):
         if cls == "char":
             return ""
         if cls in ("cell", "struct"):

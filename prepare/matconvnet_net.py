@@ -268,7 +268,8 @@ def text_spec(dag: DagNN, dim: int) -> tuple[list[Entry], dict[str, Any]]:
             entries.append(Entry("conv1d", short, (f"{short}f",), f"{key}.shortcut.0", (1, 1, cin, cout), stride))
             entries.append(Entry("bn", f"{short}bn", (f"{short}bn_w", f"{short}bn_b", f"{short}bn_m"),
                                  f"{key}.shortcut.1", (cout,)))
-    entries += [Entry("linear", "fc5_2", ("fc5_2f",), "text.fc", (1, 1, cin, dim)),
+    text_out = shapes[-1][2]
+    entries += [Entry("linear", "fc5_2", ("fc5_2f",), "text.fc", (1, 1, text_out, dim)),
                 Entry("bn", "fc5_2bn", ("fc5_2bn_w", "fc5_2bn_b", "fc5_2bn_m"), "text.fc_bn", (dim,))]
     pool = dag.layer("fc5_1", "dagnn.Pooling")
     size = dag.number(pool, "poolSize", 2)
@@ -355,7 +356,7 @@ def bn_eps(dag: DagNN, entries: list[Entry]) -> float:
     if len(distinct) != 1:
         raise dag.fail(f"backbone BatchNorm layers use different epsilons {distinct}; the caffe-style backbone "
                        f"has one bn_eps")
-    return float(np.float32(distinct[0]))
+    return float(distinct[0])
 
 
 def convert(dag: DagNN, entries: list[Entry], backbone_eps: float) -> dict[str, np.ndarray]:

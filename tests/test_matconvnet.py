@@ -1,0 +1,270 @@
+"""prepare.matconvnet: synthetic MatConvNet files (v5 and v7.3) -> PyTorch, checked against a NumPy implementation
+of the MatConvNet operations (tests/mcn_reference.py), every refusal, and the end-to-end path to evaluate.py."""
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests import matconvnet_fixtures as fx
+from tests import mcn_reference as ref
+from prepare import matconvnet as conv
+from prepare import matconvnet_io as mio
+from prepare import matconvnet_net as mn
+from prepare.core import PrepareError
+from prepare.dictionary import GivenDictionary, dictionary_sha256, read_given_dictionary
+
+ROOT = Path(__file__).resolve().parents[1]
+NET_MEAN = np.array([[[121.5, 113.25, 101.0]]])  # 1x1x3, as the training scripts store the dataset mean
+IMAGENET_MEAN = np.random.default_rng(5).uniform(90, 130, (4, 4, 3))  # an HxWx3 mean image
+KINDS = {"flickr30k": dict(vocab=12, classes=7), "coco": dict(vocab=9, classes=6), "cuhk": dict(vocab=10, classes=5)}
+
+
+def plain(value):
+    """The fixture structures in the readers' plain form (what matconvnet_io returns)."""
+    if isinstance(value, fx.StructArray):
+        return [{k: plain(v) for k, v in item.items()} for item in value]
+    if isinstance(value, fx.Cell):
+        return [plain(v) for v in value]
+    if isinstance(value, dict):
+        return [{k: plain(v) for k, v in value.items()}]
+    if isinstance(value, bool):
+        return np.array([[value]])
+    if isinstance(value, float):
+        return np.array([[value]])
+    return value
+
+
+def words(n: int) -> list[str]:
+    return [f"w{i}" for i in range(1, n + 1)]
+
+
+def given(n: int) -> GivenDictionary:
+    return GivenDictionary(words(n), None, {"path": "dict.txt"})
+
+
+@pytest.fixture(scope="module")
+def nets():
+    return {kind: fx.dual_path_net(kind, stage=1 if kind == "coco" else 2, seed=i, **KINDS[kind])
+            for i, kind in enumerate(KINDS)}
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, nets):
+    root = tmp_path_factory.mktemp("mcn")
+    out = {}
+    for kind, nb in nets.items():
+        variables = {"net": fx.net_struct(nb, NET_MEAN)}
+        if kind == "flickr30k":  # a real checkpoint also holds state (momentum buffers) and stats: never read
+            variables["state"] = {"momentum": fx.Cell([np.ones((3, 1), np.float32)])}
+            variables["stats"] = {"train": fx.StructArray([{"objective": 1.0}])}
+        out[kind] = fx.save_v5(root / f"{kind}-net-epoch-60.mat", variables)
+    out["flickr30k_v73"] = fx.save_v73(root / "net-epoch-60-v73.mat", {"net": fx.net_struct(nets["flickr30k"], NET_MEAN)})
+    out["imagenet_nb"] = fx.resnet_net(seed=9)
+    out["imagenet"] = fx.save_v5(root / "imagenet-resnet-50-dag.mat", fx.net_struct(out["imagenet_nb"], IMAGENET_MEAN))
+    for kind in KINDS:
+        out[f"dict_{kind}"] = fx.save_v5(root / f"{kind}_dictionary.mat",
+                                         {"subset": fx.dictionary_struct(words(KINDS[kind]["vocab"]))})
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ readers
+def test_header_sniffing_and_v73_reads_and_converts_like_v5(files):
+    assert mio.mat_version(files["flickr30k"]) == "v5" and mio.mat_version(files["flickr30k_v73"]) == "v7.3"
+    assert set(mio.variables(files["flickr30k"])) == {"net", "state", "stats"}
+    raw_a, raw_b = (mio.one(mio.load(files[k], ["net"])["net"], k) for k in ("flickr30k", "flickr30k_v73"))
+    assert [layer["name"] for layer in raw_a["layers"]] == [layer["name"] for layer in raw_b["layers"]]
+    for la, lb in zip(raw_a["layers"], raw_b["layers"]):
+        assert (la["type"], la["inputs"], la["outputs"], la["params"]) == \
+               (lb["type"], lb["inputs"], lb["outputs"], lb["params"])
+        assert sorted(la["block"][0]) == sorted(lb["block"][0])
+    a = conv.model_checkpoint(mn.parse_dagnn(files["flickr30k"], raw_a), given(12))["model"]
+    b = conv.model_checkpoint(mn.parse_dagnn(files["flickr30k_v73"], raw_b), given(12))["model"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_authors_dictionary_mat_and_word_list(files, tmp_path):
+    d = read_given_dictionary(files["dict_flickr30k"])
+    assert d.words == words(12) and d.vectors.shape == (12, 300)
+    want = fx.dictionary_struct(words(12))["features"].T
+    np.testing.assert_array_equal(d.vectors, want)  # subset.features is 300 x V: column v = word v
+    lst = tmp_path / "dictionary.txt"
+    lst.write_bytes("".join(w + "\n" for w in d.words).encode())
+    assert read_given_dictionary(lst).words == d.words
+    assert dictionary_sha256(d.words) == __import__("hashlib").sha256(lst.read_bytes()).hexdigest()
+    lst.write_text("w1\nw2\nw1\n")
+    with pytest.raises(PrepareError, match="appears twice"):
+        read_given_dictionary(lst)
+
+
+# ------------------------------------------------------------------------------------------------ conversion
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_text_features_equal_numpy_matconvnet(kind, nets, files):
+    from models.text_cnn import TextCNN
+    nb = nets[kind]
+    dag = conv.load_dagnn(files[kind])
+    ckpt = conv.model_checkpoint(dag, read_given_dictionary(files[f"dict_{kind}"]))
+    cfg, data = ckpt["config"], ckpt["data"]
+    assert (data["vocab_size"], data["num_classes"], data["max_len"]) == \
+           (KINDS[kind]["vocab"], KINDS[kind]["classes"], 56 if kind == "cuhk" else 32)
+    assert cfg["classifier_bias"] == (kind != "coco") and cfg["text_width"] == 1 / 8 and cfg["feature_dim"] == 32
+    assert cfg["dropout"] == {"flickr30k": 0.75, "coco": 0.5, "cuhk": 0.8}[kind]
+    assert ckpt["stage"] == (1 if kind == "coco" else 2) and ckpt["epoch"] == 60
+    text = TextCNN(data["vocab_size"], max_len=data["max_len"], feature_dim=cfg["feature_dim"],
+                   width=cfg["text_width"], pool=cfg["text_pool"])
+    text.load_state_dict({k[5:]: v for k, v in ckpt["model"].items() if k.startswith("text.")}, strict=True)
+    text.eval()
+    captions = [[3, 1, 4, 1, 5], [2], list(range(1, data["vocab_size"] + 1)) * 2]
+    tokens = torch.zeros(len(captions), data["max_len"], dtype=torch.long)
+    for i, c in enumerate(captions):
+        tokens[i, :len(c)] = torch.tensor(c)
+    ours = text.test_feature(tokens, torch.tensor([len(c) for c in captions])).double().numpy()
+    want = np.stack([ref.text_feature(nb.layers, nb.params, c, data["vocab_size"], data["max_len"])
+                     for c in captions])
+    np.testing.assert_allclose(ours, want, rtol=2e-4, atol=2e-4 * np.abs(want).max())
+
+
+def test_bn_rule_and_clamp_warning(nets, files):
+    """running_var = sigma^2 - eps of the module (1e-5 read from the backbone file, 1e-3 for the new BNs)."""
+    dag = conv.load_dagnn(files["flickr30k"])
+    model = conv.model_checkpoint(dag, given(12))["model"]
+    p = nets["flickr30k"].params
+    np.testing.assert_allclose(model["image.backbone.1.running_var"].numpy(),
+                               p["bn_conv1_moments"][:, 1].astype(np.float64) ** 2 - 1e-5, rtol=1e-6)
+    np.testing.assert_allclose(model["text.fc_bn.running_var"].numpy(),
+                               p["fc5_2bn_m"][:, 1].astype(np.float64) ** 2 - 1e-3, rtol=1e-6)
+    struct = plain(fx.net_struct(nets["flickr30k"], NET_MEAN))[0]
+    moments = next(x for x in struct["params"] if x["name"] == "fc1bn_m")
+    moments["value"] = moments["value"].copy()
+    moments["value"][:3, 1] = 0.0  # never-updated moments of a new BN: sigma 0 < sqrt(eps)
+    ckpt = conv.model_checkpoint(mn.parse_dagnn(Path("net.mat"), struct), given(12))
+    assert (ckpt["model"]["image.fc1_bn.running_var"][:3] == 0).all()
+    assert any("fc1bn" in w and "clamped" in w for w in ckpt["provenance"]["warnings"])
+
+
+# ------------------------------------------------------------------------------------------------ refusals
+def _mutated(nb, mutate) -> mn.DagNN:
+    struct = copy.deepcopy(plain(fx.net_struct(nb, NET_MEAN))[0])
+    mutate(struct)
+    return mn.parse_dagnn(Path("net-epoch-1.mat"), struct)
+
+
+def _layer(struct, name):
+    return next(x for x in struct["layers"] if x["name"] == name)
+
+
+def _param(struct, name):
+    return next(x for x in struct["params"] if x["name"] == name)
+
+
+def _drop_param(s):
+    s["params"] = [p for p in s["params"] if p["name"] != "fc3_3_2bn_m"]
+
+
+def _rename_param(s):
+    _param(s, "res4c_branch2b_filter")["name"] = "res4c_branch2b_weights"
+
+
+def _extra_param(s):
+    s["params"].append({"name": "fc9f", "value": np.ones((1, 1, 2, 2), np.float32)})
+
+
+def _wrong_shape(s):
+    _param(s, "fc2_4a_2f")["value"] = np.ones((1, 3, 64, 64), np.float32)
+
+
+def _torchvision_stride(s):  # stride in the 3x3 conv (torchvision) instead of the first 1x1 (Caffe)
+    _layer(s, "res3a_branch2a")["block"][0]["stride"] = np.array([[1.0, 1.0]])
+    _layer(s, "res3a_branch2b")["block"][0]["stride"] = np.array([[2.0, 2.0]])
+
+
+def _pool1_pad(s):
+    _layer(s, "pool1")["block"][0]["pad"] = np.array([[1.0, 1.0, 1.0, 1.0]])
+
+
+def _text_pad(s):
+    _layer(s, "fc3_2_2")["block"][0]["pad"] = np.array([[0.0, 0.0, 0.0, 1.0]])
+
+
+def _two_classifiers(s):
+    _layer(s, "fc_txt")["params"] = ["fcsharef_txt", "fcshareb"]
+
+
+def _text_pool(s):
+    _layer(s, "fc5_1")["block"][0]["stride"] = np.array([[1.0, 2.0]])
+
+
+REFUSALS = {  # mutation -> a fragment the error must contain (besides the file name)
+    "missing param": (_drop_param, "missing ['fc3_3_2bn_m']"),
+    "renamed param": (_rename_param, "unexpected ['res4c_branch2b_weights']"),
+    "extra param": (_extra_param, "unexpected ['fc9f']"),
+    "wrong shape": (_wrong_shape, "param 'fc2_4a_2f' has size [1, 3, 64, 64], expected [1, 2, 64, 64]"),
+    "torchvision stride": (_torchvision_stride, "layer 'res3a_branch2a': stride [1, 1] pad [0, 0, 0, 0], expected "
+                                                "stride [2, 2]"),
+    "pool1 pad": (_pool1_pad, "layer 'pool1': expected max pooling [3, 3] stride [2, 2] pad [0, 1, 0, 1]"),
+    "text pad": (_text_pad, "layer 'fc3_2_2'"),
+    "two classifiers": (_two_classifiers, "must share one classifier W"),
+    "text pool": (_text_pool, "layer 'fc5_1': expected a max (or avg) pooling [1 L/4]"),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+def test_refusals_name_file_layer_and_rule(case, nets):
+    mutate, fragment = REFUSALS[case]
+    with pytest.raises(mn.ConvertError) as e:
+        conv.model_checkpoint(_mutated(nets["flickr30k"], mutate), given(12))
+    assert "net-epoch-1.mat" in str(e.value) and fragment in str(e.value), str(e.value)
+
+
+def test_coco_inventory_is_415_and_flickr_416(nets):
+    assert len(nets["coco"].params) == 415 and len(nets["flickr30k"].params) == 416
+    assert len(fx.resnet_net(fc1000=False).params) == 213
+
+
+def test_vocabulary_mismatch_is_refused(files):
+    with pytest.raises(mn.ConvertError, match="fc2f has 12 words but the dictionary dict.txt has 11"):
+        conv.model_checkpoint(conv.load_dagnn(files["flickr30k"]), given(11))
+
+
+def test_broken_files_are_refused_and_nothing_is_written(files, tmp_path, capsys):
+    out = tmp_path / "out" / "model.pt"
+    data = files["flickr30k"].read_bytes()
+    truncated = tmp_path / "truncated.mat"
+    truncated.write_bytes(data[:len(data) // 2])
+    h5 = files["flickr30k_v73"].read_bytes()
+    truncated73 = tmp_path / "truncated73.mat"
+    truncated73.write_bytes(h5[:len(h5) // 2])
+    text = tmp_path / "notes.mat"
+    text.write_text("not a mat file\n")
+    other = fx.save_v5(tmp_path / "other.mat", {"x": np.ones((2, 2))})
+    simplenn = fx.save_v5(tmp_path / "imagenet-vgg-verydeep-19.mat", {
+        "layers": fx.Cell([{"type": "conv", "name": "conv1_1", "weights": fx.Cell([np.ones((3, 3, 3, 4))])}]),
+        "meta": {"normalization": {"averageImage": NET_MEAN}}})
+    cases = {truncated: "truncated", truncated73: "truncated", text: "not a MATLAB", other: "not a MatConvNet network",
+             simplenn: "SimpleNN"}
+    for path, fragment in cases.items():
+        rc = conv.main(["model", str(path), "--dictionary", str(files["dict_flickr30k"]), "--out", str(out)])
+        err = capsys.readouterr().err
+        lines = err.strip().splitlines()
+        assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: ") and str(path) in lines[0] \
+            and fragment in lines[0], err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_cli_help_is_fast_and_imports_no_torch():
+    t = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", "import sys; from prepare import matconvnet as m; "
+                        "rc = 0\ntry:\n    m.main(['--help'])\nexcept SystemExit as e:\n    rc = e.code\n"
+                        "print('torch' in sys.modules, 'scipy' in sys.modules, rc)"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip().splitlines()[-1] == "False False 0", r.stdout + r.stderr
+    assert time.perf_counter() - t < 10
