@@ -81,3 +81,21 @@ def test_normal_preparation_records_the_dictionary_hash(f30k, tmp_path):
     p = assert_contract(out)
     assert p.dictionary == FLICKR_DICTIONARY and p.manifest["dictionary_source"] == "train captions only"
     assert p.manifest["dictionary_sha256"] == hashlib.sha256((out / "dictionary.txt").read_bytes()).hexdigest()
+
+
+def test_model_io_refuses_another_dictionary_naming_both_hashes(f30k, tmp_path):
+    import torch
+
+    from engine.model_io import CheckpointMismatch, load_model
+    out = tmp_path / "prep"
+    assert flickr30k.main(args(f30k, out, "--word2vec", str(f30k.w2v.text))) == 0
+    m = assert_contract(out).manifest
+    facts = {k: m[k] for k in ("dataset", "num_classes", "vocab_size", "max_len")}
+    ckpt = tmp_path / "other.pt"
+    torch.save({"model": {}, "config": {}, "data": {**facts, "dictionary_sha256": "ab" * 32}}, ckpt)
+    with pytest.raises(CheckpointMismatch) as e:
+        load_model(ckpt, out)
+    assert "ab" * 32 in str(e.value) and m["dictionary_sha256"] in str(e.value) and "dictionary_sha256" in str(e.value)
+    torch.save({"model": {}, "config": {}, "data": {**facts, "vocab_size": facts["vocab_size"] + 1}}, ckpt)
+    with pytest.raises(CheckpointMismatch, match=f"vocab_size {facts['vocab_size'] + 1} "):
+        load_model(ckpt, out)  # an older checkpoint without the hash: the vocabulary size is still compared
