@@ -115,6 +115,8 @@ def parse_dagnn(path: str | Path, net: dict[str, Any]) -> DagNN:
         block = {} if isinstance(block, (np.ndarray, list)) and len(block) == 0 else block
         if isinstance(block, list) and len(block) == 1:
             block = block[0]
+        if block is None:  # a struct without fields (e.g. dagnn.SoftMax), as scipy reads it
+            block = {}
         if not isinstance(block, dict):
             raise ConvertError(f"{where} ({name}): block must be a struct, got {describe(block)}")
         layers[name] = Layer(name, raw["type"], _names(raw["inputs"], f"{where} ({name}).inputs"),

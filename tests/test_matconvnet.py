@@ -268,3 +268,117 @@ def test_cli_help_is_fast_and_imports_no_torch():
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.stdout.strip().splitlines()[-1] == "False False 0", r.stdout + r.stderr
     assert time.perf_counter() - t < 10
+
+
+# ------------------------------------------------------------------------------------------------ image path
+def _make_model(ckpt: dict):
+    """The DualPath exactly as engine.model_io rebuilds a checkpoint (config -> make_model -> strict load)."""
+    from types import SimpleNamespace
+
+    from engine.config import config_from_dict
+    from engine.loop import make_model
+    d = ckpt["data"]
+    data = SimpleNamespace(num_classes=d["num_classes"], vocab_size=d["vocab_size"], max_len=d["max_len"])
+    model, _ = make_model(config_from_dict(ckpt["config"]), data, init=ckpt)
+    return model.eval()
+
+
+def test_checkpoint_config_is_a_full_valid_config(files):
+    from engine.config import Config, config_from_dict
+    from engine.loop import MODEL_KEYS
+    cfg = conv.model_checkpoint(conv.load_dagnn(files["flickr30k"]), given(12))["config"]
+    assert set(MODEL_KEYS) <= set(cfg)
+    resolved = config_from_dict(cfg)
+    assert {k: getattr(resolved, k) for k in cfg} == cfg and isinstance(resolved, Config)
+    assert resolved.backbone_style == "caffe" and resolved.backbone_bn_eps == 1e-5 and resolved.backbone_width == 1 / 8
+
+
+def test_image_features_equal_numpy_matconvnet(nets, files):
+    """Whole image (no crop), minus the stored mean, summed over positions, plus the flipped image."""
+    ckpt = conv.model_checkpoint(conv.load_dagnn(files["flickr30k"]), given(12))
+    model = _make_model(ckpt)
+    assert model.image.pixel_mean.tolist() == pytest.approx(NET_MEAN.ravel().tolist())
+    image = np.random.default_rng(3).integers(0, 256, (224, 264, 3), dtype=np.uint8)  # 1x2 positions after pool5
+    x = torch.from_numpy(image.transpose(2, 0, 1).copy())[None]
+    ours = model.image.test_feature(model.image.normalize(x))[0].double().numpy()
+    want = ref.image_feature(nets["flickr30k"].layers, nets["flickr30k"].params, image, NET_MEAN)
+    np.testing.assert_allclose(ours, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+
+
+def test_backbone_file_and_sidecar_load_as_caffe_style(files, tmp_path):
+    from models.image_cnn import ImageCNN
+    out = tmp_path / "r50.pth"
+    assert conv.main(["backbone", str(files["imagenet"]), "--out", str(out)]) == 0
+    side = json.loads(Path(str(out) + ".json").read_text())
+    assert (side["format"], side["style"], side["arch"], side["bn_eps"], side["backbone_width"]) == \
+           ("dualpath-backbone", "caffe", "resnet50", 1e-5, 1 / 8)
+    assert side["pixel_mean"] == pytest.approx(IMAGENET_MEAN.reshape(-1, 3).mean(0).tolist())
+    assert side["md5"] == conv.md5sum(files["imagenet"])
+    state = torch.load(out, weights_only=True)
+    assert state["conv1.bias"].shape == (8,) and state["fc.weight"].shape == (10, 256)
+    assert state["layer2.0.conv1.weight"].shape == (16, 32, 1, 1)  # the stride-2 1x1 of the Caffe ResNet
+    img = ImageCNN("resnet50", pretrained=str(out), feature_dim=16, style="caffe", bn_eps=side["bn_eps"],
+                   backbone_width=side["backbone_width"]).eval()
+    image = np.random.default_rng(4).integers(0, 256, (230, 224, 3), dtype=np.uint8)
+    x = torch.from_numpy(image.transpose(2, 0, 1).copy())[None]
+    with torch.no_grad():
+        ours = img.pool(img.backbone(img.normalize(x)))[0].permute(1, 2, 0).double().numpy()  # (h, w, C)
+    nb = files["imagenet_nb"]
+    want = ref.run(nb.layers, nb.params, {"data": (image - IMAGENET_MEAN.reshape(-1, 3).mean(0))[..., None]},
+                   "pool5")[..., 0]
+    np.testing.assert_allclose(ours, want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    with pytest.raises(Exception, match="caffe"):
+        ImageCNN("resnet50", pretrained=str(out), feature_dim=16, style="torchvision")  # never mixed silently
+    assert conv.main(["backbone", str(files["imagenet"]), "--out", str(out)]) == 2  # exists: --overwrite needed
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+def test_convert_prepare_with_dictionary_evaluate_compare_paper(tmp_path, capsys):
+    """convert -> prepare a tiny Flickr30k with the authors' dictionary -> evaluate.py --checkpoint -> paper table;
+    the evaluated features equal the NumPy MatConvNet reference on the prepared files."""
+    import evaluate
+    from prepare import flickr30k
+    from tests.fixtures import FLICKR_DICTIONARY, make_flickr
+    raw = make_flickr(tmp_path / "raw")
+    vocab = ["unused"] + FLICKR_DICTIONARY[::-1]
+    nb = fx.dual_path_net("flickr30k", vocab=len(vocab), classes=5, seed=11)  # Karpathy split: 5 training images
+    net = fx.save_v5(tmp_path / "net-epoch-60.mat", {"net": fx.net_struct(nb, NET_MEAN)})
+    dic = fx.save_v5(tmp_path / "flickr30k_dictionary.mat", {"subset": fx.dictionary_struct(vocab)})
+    prep = tmp_path / "prep"
+    assert flickr30k.main(["--images", str(raw.images), "--captions", str(raw.token), "--split-json",
+                           str(raw.split_json), "--dictionary", str(dic), "--out", str(prep), "--workers", "1",
+                           "--image-size", "224"]) == 0
+    ckpt = tmp_path / "authors.pt"
+    assert conv.main(["model", str(net), "--dictionary", str(dic), "--data", str(prep), "--out", str(ckpt)]) == 0
+    emb, res = tmp_path / "emb.npz", tmp_path / "results.json"
+    capsys.readouterr()
+    assert evaluate.main(["--checkpoint", str(ckpt), "--data", str(prep), "--split", "test", "--out", str(res),
+                          "--save-embeddings", str(emb), "--compare-paper", "flickr30k/resnet50/stage2",
+                          "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out
+    assert "flickr30k/resnet50/stage2" in printed and "R@1" in printed
+    result = json.loads(res.read_text())
+    assert result["stage"] == 2 and result["epoch"] == 60 and "matconvnet" in result["pretrained_source"]
+    z = np.load(emb)
+    from PIL import Image
+    from engine.data import Prepared
+    p = Prepared(prep)
+    row = p.split_images("test")[0]
+    with Image.open(p.image_path(row)) as im:
+        image = np.asarray(im.convert("RGB"))
+    want = ref.image_feature(nb.layers, nb.params, image, NET_MEAN)
+    np.testing.assert_allclose(z["images"][0], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    cap = p.split_captions("test")[0]
+    ids = [int(t) for t in p.tokens[cap] if t]
+    want = ref.text_feature(nb.layers, nb.params, ids, len(vocab), 32)
+    np.testing.assert_allclose(z["texts"][0], want, rtol=1e-4, atol=1e-4 * np.abs(want).max())
+    # the same checkpoint on a directory prepared with OUR dictionary is refused by evaluate (hash + vocabulary)
+    ours = tmp_path / "ours"
+    assert flickr30k.main(["--images", str(raw.images), "--captions", str(raw.token), "--split-json",
+                           str(raw.split_json), "--word2vec", str(raw.w2v.text), "--out", str(ours), "--workers", "1",
+                           "--image-size", "32"]) == 0
+    with pytest.raises(Exception, match="dictionary_sha256"):
+        evaluate.main(["--checkpoint", str(ckpt), "--data", str(ours), "--device", "cpu"])
+    assert conv.main(["model", str(net), "--dictionary", str(dic), "--data", str(ours), "--out",
+                      str(tmp_path / "x.pt")]) == 2
+    assert "vocab_size 16 (prepared) vs 17" in capsys.readouterr().err and not (tmp_path / "x.pt").exists()
