@@ -198,10 +198,8 @@ def build_trainer(pattern: str, stage: int, data: Path, run_dir: Path, overrides
 def device_batch(trainer, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
     """What Trainer.train_step feeds the model: normalised images (channels_last on CUDA), tokens with the mined
     negatives (Stage II hard), image labels, text labels; all on the trainer's device."""
-    from engine.data import normalize_images
-
     dev = trainer.device
-    images = normalize_images(batch["images"].to(dev), trainer.channels_last)
+    images = trainer.module.image.normalize(batch["images"].to(dev), trainer.channels_last)
     tokens, labels, text_labels = (batch[k].to(dev) for k in ("tokens", "labels", "text_labels"))
     if trainer.cfg.stage == 2 and trainer.cfg.negatives == "hard":
         h = images.shape[0] // 2

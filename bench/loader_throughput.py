@@ -9,7 +9,7 @@ II also the hard-negative candidate pool) in samples (= images) per second:
   other prefetch factors and (CUDA) pin_memory off. Each loader runs 2 epochs of K batches; reported: the wait
   for the first batch of each epoch (worker start-up), the steady rate (second half of each epoch) and the overall
   rate including start-ups. The consumer only moves the batch to the device (non_blocking, as train_step does);
-* on the device, per batch: host-to-device copy (pageable / pinned, CUDA) and ``normalize_images``.
+* on the device, per batch: host-to-device copy (pageable / pinned, CUDA) and the input normalisation.
 
 It also measures (or takes, --model-rate) what the model consumes: pairs/s of the model's own step (see
 bench/train_throughput.py (b)) and recommends the smallest worker count whose steady rate is >= 1.25 x that.
@@ -62,9 +62,11 @@ def run_loader(ds, workers: int, pin: bool, persistent: bool, prefetch: int, epo
 
 
 def device_side(ds, dev: torch.device, channels_last: bool, reps: int) -> list[list[str]]:
-    """ms per batch and samples/s of the H2D copy (CUDA) and of normalize_images on the device."""
-    from engine.data import normalize_images
+    """ms per batch and samples/s of the H2D copy (CUDA) and of the model's input normalisation on the device."""
+    from models.image_cnn import IMAGENET_MEAN, IMAGENET_STD, normalize_pixels
 
+    mean = torch.tensor([255 * m for m in IMAGENET_MEAN], device=dev)  # the torchvision style's constants
+    std = torch.tensor([255 * s for s in IMAGENET_STD], device=dev)
     images = ds[0]["images"]
     b = len(images)
     rows = []
@@ -74,8 +76,8 @@ def device_side(ds, dev: torch.device, channels_last: bool, reps: int) -> list[l
             dt = time_repeated(lambda: src.to(dev, non_blocking=True), reps, dev)
             rows.append([name, f"{1000 * dt:.2f}", f"{b / dt:.0f}"])
     x = images.to(dev)
-    dt = time_repeated(lambda: normalize_images(x, channels_last), reps, dev)
-    rows.append([f"normalize_images on {dev.type}{' (channels_last)' if channels_last else ''}", f"{1000 * dt:.2f}",
+    dt = time_repeated(lambda: normalize_pixels(x, mean, std, channels_last), reps, dev)
+    rows.append([f"input normalisation on {dev.type}{' (channels_last)' if channels_last else ''}", f"{1000 * dt:.2f}",
                  f"{b / dt:.0f}"])
     return rows
 

@@ -2,7 +2,7 @@
 
 Paper model: ResNet-50 (random init), 224 crops, feature 2048, text CNN at full width (res50 stages), max_len 32,
 shared W for Flickr30k (29,783 classes, vocab 20,074, W bias) and MSCOCO (113,287 classes, vocab 29,972, no bias).
-The step is Trainer.train_step's: uint8 -> normalize_images on the device (channels_last on CUDA), hard-negative
+The step is Trainer.train_step's: uint8 -> image.normalize on the device (channels_last on CUDA), hard-negative
 mining over --candidates captions (eval mode, no grad), forward (bf16 autocast on CUDA, fp32 on CPU), total_loss with
 the Stage II lambdas, backward, SGD (momentum 0.9, Nesterov, the paper's parameter groups). --steps steps are run (the
 momentum buffers exist from the first optimizer step on, so the second step is the steady-state peak).
@@ -42,7 +42,6 @@ def rss_bytes() -> int:
 
 
 def child(args: argparse.Namespace) -> dict:
-    from engine.data import normalize_images
     from engine.encode import autocast
     from models import build_model, hardest_negatives, param_groups, total_loss
 
@@ -75,7 +74,7 @@ def child(args: argparse.Namespace) -> dict:
     times = []
     for _ in range(args.steps):
         t0 = time.perf_counter()
-        images = normalize_images(images_u8, channels_last)
+        images = model.image.normalize(images_u8, channels_last)
         model.eval()
         with torch.no_grad(), autocast(dev, "auto"):
             idx = hardest_negatives(model.image(images[:h])["rank"], model.text(cand)["rank"])

@@ -113,10 +113,8 @@ def measure_loop(trainer, warmup: int, steps: int) -> dict[str, float]:
 
 def mining_alone_s(trainer, reps: int) -> float:
     """Seconds per call of Trainer._mine on one batch already on the device, synchronised."""
-    from engine.data import normalize_images
-
     batch = trainer.batches[0]
-    images = normalize_images(batch["images"].to(trainer.device), trainer.channels_last)
+    images = trainer.module.image.normalize(batch["images"].to(trainer.device), trainer.channels_last)
     return time_repeated(lambda: trainer._mine(images, batch), reps, trainer.device, warmup=1)
 
 

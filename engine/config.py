@@ -24,6 +24,7 @@ CHOICES: dict[str, tuple] = {
     "precision": ("auto", "bf16", "fp16", "fp32"),
     "stage": (1, 2),
     "backbone_bn": ("paper", "update"),
+    "backbone_style": ("auto", "torchvision", "caffe"),
 }
 
 
@@ -44,6 +45,12 @@ class Config:
     classifier_bias: bool = True  # shared W bias: yes for Flickr30k-ResNet-50 and CUHK, no for MSCOCO (spec 6.1)
     position_shift: bool = True  # False = left alignment (Table 4 ablation)
     backbone_bn: str = "paper"  # "update": backbone BN statistics move at 0.1 in both stages (random init only)
+    # "caffe" = the original MatConvNet backbone (prepare.matconvnet backbone), input 0-255 minus the training images'
+    # RGB mean; "torchvision" = torchvision's weights with ImageNet mean/std; "auto" = caffe when --pretrained FILE
+    # has a caffe sidecar FILE.json, else torchvision. Checkpoints store the resolved value (models/image_cnn.py).
+    backbone_style: str = "auto"
+    backbone_bn_eps: float = 1e-5  # the backbone's BN epsilon (a converted file's block.epsilon)
+    backbone_width: float = 1.0  # caffe-style ResNet width factor; < 1 only for the converter's test files
     # optimisation (spec 7.1-7.4)
     batch_size: int = 32  # the global batch (split across DDP ranks)
     base_lr: float = 0.1

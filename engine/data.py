@@ -5,7 +5,8 @@ Determinism: every random choice of a sample (crop, flip, caption, shift) is dra
 a pure function of (seed, epoch, batch index) whatever the worker count or the DDP rank count, which is what makes
 resume bit-identical and lets N processes see disjoint shards of the very same global batch.
 
-Images leave the workers as uint8 tensors; ``normalize_images`` converts them on the device (less to transfer).
+Images leave the workers as uint8 tensors; the model's ``image.normalize`` converts them on the device (less to
+transfer, and the input convention travels with the checkpoint: ``models/image_cnn.py``).
 """
 from __future__ import annotations
 
@@ -19,8 +20,6 @@ import pandas as pd
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-
-from models.image_cnn import IMAGENET_MEAN, IMAGENET_STD
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -101,14 +100,6 @@ def test_image(path: Path) -> torch.Tensor:
     """The whole prepared image (spec 8.1: no crop, no resize). -> (3, H, W) uint8."""
     with Image.open(path) as im:
         return torch.from_numpy(np.asarray(im.convert("RGB")).transpose(2, 0, 1).copy())
-
-
-def normalize_images(x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
-    """uint8 (N, 3, H, W) on any device -> float, ImageNet mean/std normalised."""
-    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
-    x = (x.float() / 255.0 - mean) / std
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 # ---------------------------------------------------------------------------------------------- training batches

@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader
 
 from models import DualPath
 
-from .data import Prepared, TestImages, normalize_images
+from .data import Prepared, TestImages
 
 
 def autocast(device: torch.device, precision: str):
@@ -44,7 +44,7 @@ def encode_split(model: DualPath, data: Prepared, split: str, device: torch.devi
         loader = DataLoader(TestImages(data, rows, batch_size), batch_size=None, num_workers=workers,
                             generator=torch.Generator())
         for imgs, pos in loader:
-            x = normalize_images(imgs.to(device, non_blocking=True), channels_last)
+            x = model.image.normalize(imgs.to(device, non_blocking=True), channels_last)
             with autocast(device, precision):
                 img_feats[pos.numpy()] = model.image.test_feature(x).float().cpu().numpy()  # (n, 2048)
         caps = data.split_captions(split, first_k)

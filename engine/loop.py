@@ -23,10 +23,11 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from models import DualPath, build_model, hardest_negatives, param_groups, top1_accuracy, total_loss
+from models.image_cnn import weights_style
 
 from . import checkpoint as ckpt
 from .config import Config, config_from_dict
-from .data import Prepared, TrainBatches, TrainSpec, normalize_images
+from .data import Prepared, TrainBatches, TrainSpec
 from .dist import all_reduce_mean, barrier, convert_batchnorm, init_distributed, is_main
 from .encode import autocast, encode_split
 from .logging import RunLogger, retrieval_scalars
@@ -34,7 +35,8 @@ from .metrics import evaluate_retrieval
 from .visualize import retrieval_figures
 
 DONE = "train_done.json"
-MODEL_KEYS = ("arch", "train_crop", "text_depth", "text_pool", "classifier_bias", "feature_dim", "text_width")  # must match Stage I
+MODEL_KEYS = ("arch", "train_crop", "text_depth", "text_pool", "classifier_bias", "feature_dim", "text_width",
+              "backbone_style", "backbone_bn_eps", "backbone_width")  # must match Stage I
 RUNTIME_KEYS = {"workers", "prefetch_factor", "log_every", "eval_batch_size", "checkpoint_every_steps",
                 "val_every"}  # may change on resume; everything else is the recipe
 
@@ -50,22 +52,49 @@ def _ignore_stop_signals(_worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+def resolve_backbone_style(cfg: Config, init: dict | None) -> str:
+    """The concrete backbone style of a run: the config's, or for "auto" the Stage I checkpoint's (Stage II), else
+    "caffe" when ``pretrained`` is a file with a caffe sidecar (``prepare.matconvnet backbone``), else torchvision.
+    Checkpoints written before the styles existed are torchvision."""
+    if cfg.backbone_style != "auto":
+        return cfg.backbone_style
+    if init is not None:
+        old = init.get("config", {}).get("backbone_style", "auto")
+        return "torchvision" if old == "auto" else old
+    return weights_style(cfg.pretrained)
+
+
 def make_model(cfg: Config, data: Prepared, init: dict | None) -> tuple[DualPath, str]:
-    """Stage I: fresh heads + pretrained backbone. Stage II: the Stage I checkpoint's weights."""
+    """Stage I: fresh heads + pretrained backbone. Stage II: the Stage I checkpoint's weights.
+    Sets ``cfg.backbone_style`` to the resolved style (so that checkpoints record it)."""
+    cfg.backbone_style = resolve_backbone_style(cfg, init)
+    pixel_mean = None
+    if cfg.backbone_style == "caffe" and init is not None:
+        pixel_mean = (0.0, 0.0, 0.0)  # a placeholder: the checkpoint's image.pixel_mean replaces it
+    elif cfg.backbone_style == "caffe":  # the original subtracts the training images' mean RGB (imdb.rgbMean)
+        pixel_mean = data.manifest.get("rgb_mean")
+        if pixel_mean is None:
+            raise ValueError(f"{data.root / 'manifest.json'}: no rgb_mean (the training images' mean RGB, which the "
+                             f"caffe-style backbone subtracts); prepare the data again with this version")
     kwargs = dict(num_classes=data.num_classes, vocab_size=data.vocab_size, max_len=data.max_len,
                   arch=cfg.arch, dropout=cfg.dropout, classifier_bias=cfg.classifier_bias,
                   text_pool=cfg.text_pool, text_depth=cfg.text_depth, feature_dim=cfg.feature_dim,
-                  text_width=cfg.text_width,
+                  text_width=cfg.text_width, backbone_style=cfg.backbone_style,
+                  backbone_bn_eps=cfg.backbone_bn_eps, backbone_width=cfg.backbone_width, pixel_mean=pixel_mean,
                   image_pool=math.ceil(cfg.train_crop / 32))  # the layer4 map of a training crop: 7 at 224
     if init is None:
         model = build_model(word2vec=data.word2vec(), pretrained=cfg.pretrained, **kwargs)
         return model, model.image.pretrained_source
-    old = init["config"]
+    old = config_from_dict(init["config"]).to_dict()
+    old["backbone_style"] = resolve_backbone_style(config_from_dict(init["config"]), init)
     diff = {k: (old[k], getattr(cfg, k)) for k in MODEL_KEYS if old[k] != getattr(cfg, k)}
     if diff:
         raise ValueError(f"Stage II config differs from the Stage I checkpoint in model keys {diff}")
     model = build_model(word2vec=None, pretrained="none", **kwargs)
-    model.load_state_dict(init["model"])
+    weights = dict(init["model"])
+    for key in ("image.pixel_mean", "image.pixel_std"):  # checkpoints from before the normalisation buffers
+        weights.setdefault(key, getattr(model.image, key.split(".")[1]))
+    model.load_state_dict(weights)
     return model, init["pretrained_source"]
 
 
@@ -175,7 +204,7 @@ class Trainer:
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
         cfg = self.cfg
-        images = normalize_images(batch["images"].to(self.device, non_blocking=True), self.channels_last)
+        images = self.module.image.normalize(batch["images"].to(self.device, non_blocking=True), self.channels_last)
         tokens = batch["tokens"].to(self.device, non_blocking=True)
         labels = batch["labels"].to(self.device)
         text_labels = batch["text_labels"].to(self.device)

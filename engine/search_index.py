@@ -24,7 +24,7 @@ import torch
 from prepare.core import COCO_DELIMITERS, DELIMITERS, PrepareError, index_captions, tokenize
 from prepare.images import RESIZE_MODES, load_resized
 
-from .data import Prepared, PreparedDataError, normalize_images
+from .data import Prepared, PreparedDataError
 from .encode import autocast
 from .encode import encode_captions as encode_caption_rows
 
@@ -168,7 +168,7 @@ def encode_images(model, images: Sequence[torch.Tensor], device: torch.device, p
     for idx in by_size.values():
         for s in range(0, len(idx), batch_size):
             part = idx[s:s + batch_size]
-            x = normalize_images(torch.stack([images[i] for i in part]).to(device))
+            x = model.image.normalize(torch.stack([images[i] for i in part]).to(device))
             with autocast(device, precision):
                 out[part] = model.image.test_feature(x).float().cpu().numpy()
     return out

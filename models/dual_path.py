@@ -46,10 +46,15 @@ class DualPath(nn.Module):
 def build_model(*, num_classes: int, vocab_size: int, max_len: int, word2vec: torch.Tensor | None,
                 arch: str = "resnet50", pretrained: str = "imagenet", dropout: float = 0.75,
                 classifier_bias: bool = True, text_pool: str = "max", text_depth: str = "res50",
-                image_pool: int = 7, feature_dim: int = 2048, text_width: float = 1.0) -> DualPath:
+                image_pool: int = 7, feature_dim: int = 2048, text_width: float = 1.0,
+                backbone_style: str = "torchvision", backbone_bn_eps: float = 1e-5, backbone_width: float = 1.0,
+                pixel_mean: tuple[float, float, float] | None = None) -> DualPath:
     """Build the network from plain values (the training config and the prepared manifest provide them).
-    ``feature_dim`` and ``text_width`` other than 2048 / 1.0 are small-CPU options, not the paper."""
-    image = ImageCNN(arch=arch, pretrained=pretrained, dropout=dropout, pool=image_pool, feature_dim=feature_dim)
+    ``feature_dim``, ``text_width`` and ``backbone_width`` other than 2048 / 1.0 / 1.0 are small-CPU options, not the
+    paper. ``backbone_style``: "torchvision" or "caffe" (``models/image_cnn.py``); ``pixel_mean`` for "caffe"."""
+    image = ImageCNN(arch=arch, pretrained=pretrained, dropout=dropout, pool=image_pool, feature_dim=feature_dim,
+                     style=backbone_style, bn_eps=backbone_bn_eps, backbone_width=backbone_width,
+                     pixel_mean=pixel_mean)
     text = TextCNN(vocab_size, max_len=max_len, word2vec=word2vec, dropout=dropout, pool=text_pool,
                    depth=text_depth, feature_dim=feature_dim, width=text_width)
     return DualPath(image, text, num_classes, classifier_bias)

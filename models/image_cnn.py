@@ -16,9 +16,23 @@ Pretrained weights are never downloaded: ``pretrained="imagenet"`` reads torchvi
 cache, ``pretrained=PATH`` reads a torchvision state dict, ``pretrained="none"`` is an explicit random init. The
 state dict's own classifier (``fc`` / ``classifier.6``) is never used, so a backbone pretrained on any number of
 classes fits; any other missing, unexpected or mis-shaped tensor is an error naming the file.
+
+Two backbone styles (decision 17), never mixed silently:
+
+* ``style="torchvision"``: torchvision's ResNet/VGG with its ImageNet weights; input [0, 1] RGB with ImageNet
+  mean/std.
+* ``style="caffe"``: the original's MatConvNet backbone (``models/caffe_resnet.py``; VGG keeps torchvision's
+  structure), loaded from a file written by ``python -m prepare.matconvnet backbone``, whose sidecar ``FILE.json``
+  says ``"style": "caffe"``; input 0-255 RGB minus a mean, no std. The mean is the RGB mean of the training images
+  (the prepared manifest's ``rgb_mean``, as the original used ``imdb.rgbMean``) or, for a converted trained network,
+  its stored ``averageImage``.
+
+The normalisation lives in the model (buffers ``pixel_mean`` / ``pixel_std`` in the 0-255 scale, part of the state
+dict), so a checkpoint always carries the input convention it was trained with: ``ImageCNN.normalize(uint8)``.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -29,6 +43,7 @@ from torch import nn
 from . import torchvision_guard  # noqa: F401  (before torchvision)
 import torchvision.models as tvm  # noqa: E402
 
+from .caffe_resnet import CaffeResNet  # noqa: E402
 from .text_cnn import init_new_conv_, new_bn  # noqa: E402
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # decision 17: torchvision weights expect mean/std on [0, 1]
@@ -42,6 +57,17 @@ ARCHS = {  # name -> (constructor, ImageNet weights enum, backbone output channe
 }
 
 
+STYLES = ("torchvision", "caffe")
+CAFFE_STD = (1.0, 1.0, 1.0)  # the MatConvNet/Caffe convention: 0-255 minus the mean, no division
+
+
+def normalize_pixels(images: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, channels_last: bool = False
+                     ) -> torch.Tensor:
+    """uint8 (N, 3, H, W) -> float (x - mean) / std per channel; mean, std (3,) in the 0-255 scale."""
+    x = (images.float() - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
 class PretrainedWeightsMissing(FileNotFoundError):
     pass
 
@@ -52,13 +78,45 @@ def imagenet_weights_path(arch: str) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
 
 
-def load_pretrained_state(arch: str, pretrained: str) -> tuple[dict | None, str]:
-    """Resolve ``pretrained`` to (state dict or None, description recorded in checkpoints and results)."""
+def sidecar_path(path: str | Path) -> Path:
+    """``FILE.json`` beside a weights file ``FILE`` (e.g. ``r50.pth.json``): its provenance and style."""
+    return Path(str(path) + ".json")
+
+
+def weights_style(pretrained: str) -> str:
+    """The backbone style a ``--pretrained`` value needs: "caffe" for a file whose sidecar says so (written by
+    ``python -m prepare.matconvnet backbone``), else "torchvision" (torchvision's own weights, or a state dict
+    without a caffe sidecar). A sidecar that is not JSON is an error naming it."""
+    if pretrained in ("none", "imagenet"):
+        return "torchvision"
+    side = sidecar_path(pretrained)
+    if not side.is_file():
+        return "torchvision"
+    try:
+        meta = json.loads(side.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{side}: not a JSON sidecar ({e})") from None
+    style = meta.get("style", "torchvision") if isinstance(meta, dict) else "torchvision"
+    if style not in STYLES:
+        raise ValueError(f"{side}: style {style!r}; expected one of {list(STYLES)}")
+    return style
+
+
+def load_pretrained_state(arch: str, pretrained: str, style: str = "torchvision") -> tuple[dict | None, str]:
+    """Resolve ``pretrained`` to (state dict or None, description recorded in checkpoints and results).
+    A file of the other backbone style than ``style`` is refused (weights of one style in the other's structure
+    would load without a shape error and compute something else)."""
     if arch not in ARCHS:
         raise ValueError(f"unknown image backbone {arch!r}; choose one of {sorted(ARCHS)}")
+    if style not in STYLES:
+        raise ValueError(f"unknown backbone style {style!r}; choose one of {list(STYLES)}")
     if pretrained == "none":
         return None, "none (random initialisation, requested explicitly)"
     if pretrained == "imagenet":
+        if style == "caffe":
+            raise ValueError("backbone_style caffe needs the original MatConvNet weights: convert "
+                             "imagenet-resnet-50-dag.mat with `python -m prepare.matconvnet backbone FILE.mat --out "
+                             "FILE.pth` and pass --pretrained FILE.pth ('imagenet' means torchvision's weights)")
         path = imagenet_weights_path(arch)
         if not path.is_file():
             raise PretrainedWeightsMissing(
@@ -70,6 +128,11 @@ def load_pretrained_state(arch: str, pretrained: str) -> tuple[dict | None, str]
         if not path.is_file():
             raise PretrainedWeightsMissing(f"--pretrained {pretrained}: no such file (expected a torchvision "
                                            f"{arch} state dict, or 'imagenet' or 'none')")
+        found = weights_style(pretrained)
+        if found != style:
+            raise ValueError(f"--pretrained {path} holds {found}-style weights (sidecar {sidecar_path(path)}"
+                             f"{'' if found == 'caffe' else ' absent or without style caffe'}) but the backbone style "
+                             f"is {style}: set backbone_style {found} (or auto); the two are never mixed")
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
@@ -99,19 +162,42 @@ class ImageCNN(nn.Module):
     """The image path. ``forward(images)`` on training crops; ``test_feature(images)`` on whole images."""
 
     def __init__(self, arch: str = "resnet50", pretrained: str = "imagenet", dropout: float = 0.75,
-                 pool: int = 7, feature_dim: int = 2048) -> None:
+                 pool: int = 7, feature_dim: int = 2048, style: str = "torchvision", bn_eps: float = 1e-5,
+                 backbone_width: float = 1.0, pixel_mean: tuple[float, float, float] | None = None) -> None:
+        """``style``/``bn_eps``/``backbone_width``: see the module docstring and ``models/caffe_resnet.py``.
+        ``pixel_mean``: the caffe style's RGB mean (0-255), required there (a checkpoint's state dict then
+        replaces it); the torchvision style always uses ImageNet's mean/std and refuses another."""
         super().__init__()
-        state, self.pretrained_source = load_pretrained_state(arch, pretrained)
+        state, self.pretrained_source = load_pretrained_state(arch, pretrained, style)
         ctor, _, channels = ARCHS[arch]
-        net = ctor(weights=None)
+        caffe_resnet = style == "caffe" and not arch.startswith("vgg")
+        if backbone_width != 1.0 and not caffe_resnet:
+            raise ValueError(f"backbone_width {backbone_width} exists only for the caffe-style ResNet (test files)")
+        net = CaffeResNet(arch, bn_eps, backbone_width) if caffe_resnet else ctor(weights=None)
+        if caffe_resnet:
+            channels = net.out_channels
+        for bn in net.modules():  # the backbone's BN epsilon (MatConvNet stores it per layer: block.epsilon)
+            if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+                bn.eps = bn_eps
         if state is not None:
             state = {k: v for k, v in state.items() if not k.startswith(UNUSED_HEAD)}
             missing, unexpected = net.load_state_dict(state, strict=False)
             missing = [k for k in missing if not k.startswith(UNUSED_HEAD)]
             if missing or unexpected:
-                raise ValueError(f"pretrained weights {self.pretrained_source} do not fit torchvision's {arch}: "
+                raise ValueError(f"pretrained weights {self.pretrained_source} do not fit the {style}-style {arch}: "
                                  f"missing {missing[:5]}, unexpected {unexpected[:5]}")
-        self.arch = arch
+        self.arch, self.style = arch, style
+        if style == "torchvision":
+            if pixel_mean is not None:
+                raise ValueError("the torchvision style uses ImageNet's mean/std; pixel_mean is for the caffe style")
+            mean, std = tuple(255 * m for m in IMAGENET_MEAN), tuple(255 * s for s in IMAGENET_STD)
+        else:
+            if pixel_mean is None or len(pixel_mean) != 3:
+                raise ValueError(f"the caffe style needs pixel_mean, the RGB mean (0-255) of the training images; "
+                                 f"got {pixel_mean!r}")
+            mean, std = tuple(float(m) for m in pixel_mean), CAFFE_STD
+        self.register_buffer("pixel_mean", torch.tensor(mean, dtype=torch.float32))  # (3,) 0-255 RGB
+        self.register_buffer("pixel_std", torch.tensor(std, dtype=torch.float32))  # (3,)
         if arch.startswith("vgg"):
             self.backbone: nn.Module = VGGBackbone(net)
             self.pool: nn.Module = nn.Identity()  # fc6 already covers a 7x7 window
@@ -128,6 +214,11 @@ class ImageCNN(nn.Module):
         for conv in (self.fc1, self.fc1_1):
             init_new_conv_(conv.weight)
         self.dropout = nn.Dropout(dropout)
+
+    def normalize(self, images: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+        """uint8 RGB (N, 3, H, W) on any device -> float input of the backbone: (x - pixel_mean) / pixel_std in the
+        0-255 scale (torchvision: ImageNet mean/std; caffe: minus the RGB mean, no std)."""
+        return normalize_pixels(images, self.pixel_mean, self.pixel_std, channels_last)
 
     def backbone_frozen(self) -> bool:
         return not any(p.requires_grad for p in self.backbone.parameters())

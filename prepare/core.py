@@ -373,10 +373,14 @@ def write_prepared(dataset: str, images: Sequence[RawImage], args: argparse.Name
         np.save(tmp / "word2vec.npy", matrix)
         (tmp / "dictionary.txt").write_text("".join(w + "\n" for w in dictionary), encoding="utf-8")
         jobs = [(im.path, tmp / "images" / f) for im, f in zip(images, files)]
-        sizes = imgs.resize_many(jobs, args.image_size, resize_mode, workers=args.workers,
-                                 progress=sys.stderr.isatty())
-        images_df["orig_width"] = np.array([w for w, _ in sizes], dtype=np.int64)
-        images_df["orig_height"] = np.array([h for _, h in sizes], dtype=np.int64)
+        done = imgs.resize_many(jobs, args.image_size, resize_mode, workers=args.workers,
+                                progress=sys.stderr.isatty())
+        images_df["orig_width"] = np.array([w for (w, _), _ in done], dtype=np.int64)
+        images_df["orig_height"] = np.array([h for (_, h), _ in done], dtype=np.int64)
+        # The original subtracts imdb.rgbMean, the mean RGB of the training images (getImageStats on 256x256
+        # resizes): here the mean over training images of each prepared image's mean (0-255). Caffe style only.
+        train_means = np.array([m for (_, m), im in zip(done, images) if im.split == "train"], dtype=np.float64)
+        manifest["rgb_mean"] = [round(float(v), 4) for v in train_means.mean(0)]
         images_df.to_parquet(tmp / "images.parquet", index=False)
         manifest["warnings"] = warnings.as_dict()
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -18,6 +18,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 from PIL import Image
 
 from prepare.core import PrepareError
@@ -61,19 +62,21 @@ def load_resized(src: str | Path, size: int, mode: str = "short_side",
 
 
 def resize_image(src: str | Path, dst: str | Path, size: int, mode: str = "short_side",
-                 draft: bool = True) -> tuple[int, int]:
-    """Resize one image to ``dst`` (JPEG quality 95); returns the original (width, height)."""
+                 draft: bool = True) -> tuple[tuple[int, int], tuple[float, float, float]]:
+    """Resize one image to ``dst`` (JPEG quality 95); returns (the original (width, height), the mean R, G, B of the
+    resized image in 0-255; the preparers average it over the training images: ``rgb_mean``)."""
     out, orig = load_resized(src, size, mode, draft)
+    mean = tuple(float(m) for m in np.asarray(out, dtype=np.float64).reshape(-1, 3).mean(0))
     dst = Path(dst)
     dst.parent.mkdir(parents=True, exist_ok=True)
     try:
         out.save(dst, "JPEG", quality=JPEG_QUALITY)
     except OSError as e:
         raise PrepareError(f"cannot write {dst}: {e}") from None
-    return orig
+    return orig, mean
 
 
-def _resize_batch(jobs: Sequence[tuple[str, str]], size: int, mode: str, draft: bool) -> list[tuple[int, int]]:
+def _resize_batch(jobs: Sequence[tuple[str, str]], size: int, mode: str, draft: bool) -> list[tuple]:
     return [resize_image(src, dst, size, mode, draft) for src, dst in jobs]
 
 
@@ -83,8 +86,8 @@ def _ignore_sigint() -> None:
 
 
 def resize_many(jobs: Sequence[tuple[str | Path, str | Path]], size: int, mode: str = "short_side", *,
-                workers: int = 1, draft: bool = True, progress: bool = False) -> list[tuple[int, int]]:
-    """Resize every (src, dst) job; returns the original sizes in job order.
+                workers: int = 1, draft: bool = True, progress: bool = False) -> list[tuple]:
+    """Resize every (src, dst) job; returns ((width, height) original, mean RGB resized) in job order.
 
     workers <= 1 runs in this process; otherwise a process pool of that many workers. The first failure
     (PrepareError naming the file) or a KeyboardInterrupt cancels the remaining work and propagates.
@@ -93,7 +96,7 @@ def resize_many(jobs: Sequence[tuple[str | Path, str | Path]], size: int, mode: 
 
     jobs = [(str(s), str(d)) for s, d in jobs]
     bar = tqdm(total=len(jobs), unit="img", desc="images", disable=not progress, leave=False)
-    sizes: list[tuple[int, int]] = []
+    sizes: list[tuple] = []
     try:
         if workers <= 1 or len(jobs) <= _BATCH:
             for src, dst in jobs:

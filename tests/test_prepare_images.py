@@ -20,9 +20,12 @@ def test_target_size():
 def test_modes_and_color_conversion(tmp_path):
     for n, (mode, name) in enumerate([("L", "g.jpg"), ("CMYK", "c.jpg"), ("RGB", "p.png")]):
         src = write_image(tmp_path / name, size=(90, 60), mode=mode, seed=n)
-        orig = images.resize_image(src, tmp_path / "out" / (name + ".jpg"), 30)
+        orig, mean = images.resize_image(src, tmp_path / "out" / (name + ".jpg"), 30)
         with Image.open(tmp_path / "out" / (name + ".jpg")) as img:
             assert orig == (90, 60) and img.size == (45, 30) and img.mode == "RGB" and img.format == "JPEG"
+        with Image.open(src) as raw:  # the mean is of the resized image before JPEG encoding: close to the file's
+            expect = np.asarray(raw.convert("RGB").resize((45, 30), Image.Resampling.BICUBIC), np.float64)
+        assert np.allclose(mean, expect.reshape(-1, 3).mean(0), atol=1e-9)
     images.resize_image(tmp_path / "g.jpg", tmp_path / "sq.jpg", 32, "square")
     assert Image.open(tmp_path / "sq.jpg").size == (32, 32)
 
@@ -48,7 +51,7 @@ def test_pool_equals_serial_and_errors_name_the_file(tmp_path):
     srcs = [write_image(tmp_path / "raw" / f"{i}.jpg", size=(40 + i, 30), seed=i) for i in range(40)]
     serial = images.resize_many([(s, tmp_path / "a" / s.name) for s in srcs], 16, workers=1)
     pooled = images.resize_many([(s, tmp_path / "b" / s.name) for s in srcs], 16, workers=2)
-    assert serial == pooled == [(40 + i, 30) for i in range(40)]
+    assert serial == pooled and [size for size, _ in serial] == [(40 + i, 30) for i in range(40)]
     for s in srcs:
         assert (tmp_path / "a" / s.name).read_bytes() == (tmp_path / "b" / s.name).read_bytes()
     bad = srcs[33]

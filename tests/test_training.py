@@ -245,7 +245,7 @@ def test_stage2_mining_picks_argmax_and_restores_train_mode(prepared, stage1, tm
     trainer = Trainer(tiny(**STAGE2), prepared, tmp_path / "run", init=stage1["ckpt"])
     module = trainer.module
     batch = trainer.batches[0]
-    images = loop.normalize_images(batch["images"])
+    images = trainer.module.image.normalize(batch["images"])
     h = images.shape[0] // 2
     # Independently, in eval mode on a copy: cosine similarity of each anchor image with each candidate caption.
     ref = copy.deepcopy(module).eval()
@@ -283,7 +283,7 @@ def test_stage2_mining_differs_from_train_mode_selection(prepared, stage1, tmp_p
     this batch, so the eval-mode argmax check does distinguish the two."""
     trainer = Trainer(tiny(**STAGE2), prepared, tmp_path / "run", init=stage1["ckpt"])
     batch = trainer.batches[0]
-    images = loop.normalize_images(batch["images"])
+    images = trainer.module.image.normalize(batch["images"])
     h = images.shape[0] // 2
     ref = copy.deepcopy(trainer.module)
     picks = {}
