@@ -318,7 +318,7 @@ def test_backbone_file_and_sidecar_load_as_caffe_style(files, tmp_path):
     assert state["conv1.bias"].shape == (8,) and state["fc.weight"].shape == (10, 256)
     assert state["layer2.0.conv1.weight"].shape == (16, 32, 1, 1)  # the stride-2 1x1 of the Caffe ResNet
     img = ImageCNN("resnet50", pretrained=str(out), feature_dim=16, style="caffe", bn_eps=side["bn_eps"],
-                   backbone_width=side["backbone_width"]).eval()
+                   backbone_width=side["backbone_width"], pixel_mean=side["pixel_mean"]).eval()
     image = np.random.default_rng(4).integers(0, 256, (230, 224, 3), dtype=np.uint8)
     x = torch.from_numpy(image.transpose(2, 0, 1).copy())[None]
     with torch.no_grad():
