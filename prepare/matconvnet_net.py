@@ -331,6 +331,8 @@ def _conv_check(dag: DagNN, e: Entry) -> None:
 
 
 def _shape_check(dag: DagNN, name: str, value: np.ndarray, want: tuple[int, ...]) -> None:
+    if len(want) == 1 and value.size == want[0] and sum(d != 1 for d in value.shape) <= 1:
+        return  # a vector: C x 1 as MatConvNet writes it, or 1 x C
     got = tuple(value.shape) + (1,) * (len(want) - value.ndim)
     while len(got) > len(want) and got[-1] == 1:
         got = got[:-1]
@@ -352,13 +354,13 @@ def check_inventory(dag: DagNN, entries: list[Entry], optional: tuple[str, ...] 
 # ------------------------------------------------------------------------------------------------ conversion
 def bn_eps(dag: DagNN, entries: list[Entry]) -> float:
     """The one epsilon of the backbone BNs (read from every BN's block)."""
-    values = {name: dag.number(dag.layer(e.layer, "dagnn.BatchNorm"), "epsilon", 1)[0]
-              for e in entries if e.kind == "bn" and e.group == "backbone" for name in [e.layer]}
-    distinct = sorted(set(values.values()))
+    # 6 significant digits: 1e-5 stored in single precision (9.99999974738e-06) is 1e-5
+    distinct = sorted({float(f'{dag.number(dag.layer(e.layer, "dagnn.BatchNorm"), "epsilon", 1)[0]:.6g}')
+                       for e in entries if e.kind == "bn" and e.group == "backbone"})
     if len(distinct) != 1:
         raise dag.fail(f"backbone BatchNorm layers use different epsilons {distinct}; the caffe-style backbone "
                        f"has one bn_eps")
-    return float(distinct[0])
+    return distinct[0]
 
 
 def convert(dag: DagNN, entries: list[Entry], backbone_eps: float) -> dict[str, np.ndarray]:

@@ -207,6 +207,10 @@ def _text_pool(s):
     _layer(s, "fc5_1")["block"][0]["stride"] = np.array([[1.0, 2.0]])
 
 
+def _mixed_eps(s):
+    _layer(s, "bn3b_branch2b")["block"][0]["epsilon"] = np.array([[1e-4]])
+
+
 REFUSALS = {  # mutation -> a fragment the error must contain (besides the file name)
     "missing param": (_drop_param, "missing ['fc3_3_2bn_m']"),
     "renamed param": (_rename_param, "unexpected ['res4c_branch2b_weights']"),
@@ -217,6 +221,7 @@ REFUSALS = {  # mutation -> a fragment the error must contain (besides the file 
     "pool1 pad": (_pool1_pad, "layer 'pool1': expected max pooling [3, 3] stride [2, 2] pad [0, 1, 0, 1]"),
     "text pad": (_text_pad, "layer 'fc3_2_2'"),
     "two classifiers": (_two_classifiers, "must share one classifier W"),
+    "mixed BN eps": (_mixed_eps, "backbone BatchNorm layers use different epsilons [1e-05, 0.0001]"),
     "text pool": (_text_pool, "layer 'fc5_1': expected a max (or avg) pooling [1 L/4]"),
 }
 
@@ -227,6 +232,17 @@ def test_refusals_name_file_layer_and_rule(case, nets):
     with pytest.raises(mn.ConvertError) as e:
         conv.model_checkpoint(_mutated(nets["flickr30k"], mutate), given(12))
     assert "net-epoch-1.mat" in str(e.value) and fragment in str(e.value), str(e.value)
+
+
+def test_vector_orientation_and_single_precision_eps_are_accepted(nets, flickr_ckpt):
+    def mutate(s):
+        for layer in s["layers"]:
+            if layer["type"] == "dagnn.BatchNorm" and layer["name"].startswith("bn"):
+                layer["block"][0]["epsilon"] = np.array([[1e-5]], dtype=np.float32)  # 9.99999974738e-06
+        _param(s, "fc2b")["value"] = _param(s, "fc2b")["value"].reshape(1, -1)  # 1 x 300 instead of 300 x 1
+    ckpt = conv.model_checkpoint(_mutated(nets["flickr30k"], mutate), given(12))
+    assert ckpt["config"]["backbone_bn_eps"] == 1e-5
+    assert torch.equal(ckpt["model"]["text.embed_bias"], flickr_ckpt["model"]["text.embed_bias"])
 
 
 def test_coco_inventory_is_415_and_flickr_416(nets):
