@@ -122,8 +122,9 @@ def _now() -> str:
 def backbone_state(dag: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """Check and convert an ImageNet ResNet DagNN: (torchvision-key state dict of tensors, sidecar fields)."""
     from prepare import matconvnet_net as mn
+    from prepare import matconvnet_spec as ms
 
-    entries, info = mn.resnet_spec(dag)
+    entries, info = ms.resnet_spec(dag)
     if "fc1000_filter" in dag.params:  # the ImageNet classifier: kept as fc.* (the image CNN ignores it)
         f = dag.params["fc1000_filter"]
         names = ("fc1000_filter", "fc1000_bias") if "fc1000_bias" in dag.params else ("fc1000_filter",)
@@ -185,13 +186,14 @@ def model_checkpoint(dag: Any, given: Any, manifest: dict[str, Any] | None = Non
     import torch
 
     from prepare import matconvnet_net as mn
+    from prepare import matconvnet_spec as ms
     from prepare.dictionary import dictionary_sha256
 
-    backbone, info = mn.resnet_spec(dag)
-    head, head_info = mn.head_spec(dag, info["backbone_channels"])
+    backbone, info = ms.resnet_spec(dag)
+    head, head_info = ms.head_spec(dag, info["backbone_channels"])
     dim = head_info["feature_dim"]
-    text, text_info = mn.text_spec(dag, dim)
-    classifier, cls_info = mn.classifier_spec(dag, dim)
+    text, text_info = ms.text_spec(dag, dim)
+    classifier, cls_info = ms.classifier_spec(dag, dim)
     entries = backbone + head + text + classifier
     mn.check_inventory(dag, entries)
     mn.check_resnet_geometry(dag)
