@@ -6,6 +6,8 @@
     # train_stage2.py --init accept like one of ours
     python -m prepare.matconvnet model net-epoch-60.mat --dictionary flickr30k_dictionary.mat \\
         --data data/flickr30k_authors --out runs/authors/flickr30k.pt
+    # what a file holds and what it would convert to (writes nothing)
+    python -m prepare.matconvnet inspect net-epoch-60.mat
 
 ``backbone`` writes ``FILE.pth`` (a plain state dict with torchvision key names, conv1 with a bias) and the sidecar
 ``FILE.pth.json`` (format "dualpath-backbone", style "caffe", arch, bn_eps, backbone_width, pixel_mean, source, md5):
@@ -33,7 +35,7 @@ DATASETS = ("flickr30k", "coco", "cuhk_pedes", "flickr8k")
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m prepare.matconvnet", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{backbone,model}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{backbone,model,inspect}")
     b = sub.add_parser("backbone", help="imagenet-resnet-{50,152}-dag.mat -> caffe-style backbone state dict + JSON")
     b.add_argument("file", type=Path, metavar="FILE.mat")
     b.add_argument("--out", type=Path, required=True, metavar="FILE.pth",
@@ -52,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "cuhk_pedes, no classifier bias -> coco, else flickr30k)")
     m.add_argument("--out", type=Path, required=True, metavar="CKPT.pt")
     m.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
+    i = sub.add_parser("inspect", help="what a .mat file holds and whether it converts (writes nothing)")
+    i.add_argument("file", type=Path, metavar="FILE.mat")
     return p
 
 
@@ -264,10 +268,44 @@ def convert_model(path: Path, dictionary: Path, out: Path, data: Path | None = N
     return {k: v for k, v in ckpt.items() if k != "model"}
 
 
+def inspect(path: Path) -> list[str]:
+    """Lines describing the file (MAT version, variables, layers, params, what it converts to); a file that does not
+    convert raises the converter's error after these lines are printed."""
+    from collections import Counter
+
+    from prepare import matconvnet_io as mio
+    from prepare.dictionary import GivenDictionary
+
+    lines = [f"{path}: MAT {mio.mat_version(path)}, variables {mio.variables(path)}"]
+    print(lines[0], flush=True)
+    dag = load_dagnn(path)
+    types = Counter(layer.type.replace("dagnn.", "") for layer in dag.layers.values())
+    values = sum(int(v.size) for v in dag.params.values())
+    lines.append(f"  {len(dag.layers)} layers ({', '.join(f'{k} {n}' for k, n in types.most_common())}), "
+                 f"{len(dag.params)} params ({values:,} values)")
+    if "fc2f" in dag.params:
+        vocab = int(dag.params["fc2f"].shape[2])
+        ckpt = model_checkpoint(dag, GivenDictionary([f"w{i}" for i in range(vocab)], None, {"path": "-"}))
+        c, d = ckpt["config"], ckpt["data"]
+        lines.append(f"  converts with `model`: {c['arch']} (caffe style, width {c['backbone_width']:g}, BN eps "
+                     f"{c['backbone_bn_eps']:g}), Stage {ckpt['stage']}, {d['num_classes']} classes, vocabulary "
+                     f"{d['vocab_size']}, max_len {d['max_len']}, feature {c['feature_dim']}, text width "
+                     f"{c['text_width']:g}, dropout {c['dropout']}, classifier bias {c['classifier_bias']}")
+    else:
+        _, side = backbone_state(dag)
+        lines.append(f"  converts with `backbone`: {side['arch']} (caffe style, width {side['backbone_width']:g}, "
+                     f"BN eps {side['bn_eps']:g}), pixel_mean {[round(v, 3) for v in side['pixel_mean']]}")
+    lines += [f"  warning: {w}" for w in dag.warnings]
+    return lines
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from prepare.core import PrepareError
     try:
+        if args.command == "inspect":
+            print("\n".join(inspect(args.file)[1:]))
+            return 0
         if args.command == "backbone":
             side = convert_backbone(args.file, args.out, args.overwrite)
             print(f"{args.file} -> {args.out} ({side['arch']}, caffe style, bn_eps {side['bn_eps']:g}, "

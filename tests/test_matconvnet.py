@@ -401,3 +401,12 @@ def test_convert_prepare_with_dictionary_evaluate_compare_paper(tmp_path, capsys
     assert conv.main(["model", str(net), "--dictionary", str(dic), "--data", str(ours), "--out",
                       str(tmp_path / "x.pt")]) == 2
     assert "vocab_size 16 (prepared) vs 17" in capsys.readouterr().err and not (tmp_path / "x.pt").exists()
+
+
+def test_inspect_describes_without_writing(files, capsys):
+    assert conv.main(["inspect", str(files["cuhk"])]) == 0
+    out = capsys.readouterr().out
+    assert "MAT v5, variables ['net']" in out and "416 params" in out and "Stage 2, 5 classes, vocabulary 10, " \
+        "max_len 56" in out
+    assert conv.main(["inspect", str(files["dict_cuhk"])]) == 2
+    assert "not a MatConvNet network" in capsys.readouterr().err
