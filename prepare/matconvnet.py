@@ -1,4 +1,4 @@
-"""Convert the original MatConvNet networks to PyTorch (issue 11; reference matconvnet_models.md).
+"""Convert the original MatConvNet networks to PyTorch (issue 11; docs/matconvnet.md).
 
     # the Stage I starting point of the original code (Caffe ResNet-50 via MatConvNet) -> a caffe-style backbone
     python -m prepare.matconvnet backbone imagenet-resnet-50-dag.mat --out data/imagenet-resnet-50-caffe.pth
@@ -33,8 +33,8 @@ DATASETS = ("flickr30k", "coco", "cuhk_pedes", "flickr8k")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m prepare.matconvnet", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = argparse.ArgumentParser(prog="python -m prepare.matconvnet", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="{backbone,model,inspect}")
     b = sub.add_parser("backbone", help="imagenet-resnet-{50,152}-dag.mat -> caffe-style backbone state dict + JSON")
     b.add_argument("file", type=Path, metavar="FILE.mat")
