@@ -163,8 +163,8 @@
 
   function captionItem(c, n) {
     const li = el("li", {"data-correct": String(c.correct), "data-id": c.id},
-      el("span", {class: "rank", text: n === null ? `rank ${c.rank}` : `#${n + 1}`}),
-      el("span", {class: "score", text: fmt(c.score)}), link({caption: c.id}, c.text));
+      el("span", {class: "rank", text: n === null ? `rank ${c.rank}` : `#${n + 1}`}), " ",
+      el("span", {class: "score", text: fmt(c.score)}), " ", link({caption: c.id}, c.text));
     if (c.correct) li.append(" ✓");
     if (c.image !== null && c.image !== undefined && !c.correct) {
       li.append(" ", el("span", {class: "muted"}, "(", link({image: c.image}, "its image"), ")"));
@@ -211,7 +211,7 @@
     }
     const list = el("ol", {class: "worst", id: "worst", start: d.page * d.per_page + 1});
     for (const it of d.items) {
-      const li = el("li", {}, el("span", {class: "rank", text: `rank ${it.rank}`}));
+      const li = el("li", {}, el("span", {class: "rank", text: `rank ${it.rank}`}), " ");
       if (it.kind === "image") li.append(link({image: it.id}, el("img", {src: `/image/${it.id}`, alt: it.name}), it.name));
       else li.append(link({caption: it.id}, it.text));
       list.append(li);
