@@ -40,7 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "and the images to the network)")
     p.add_argument("--port", type=int, default=8765, help="port (default: %(default)s; 0 = any free port)")
     p.add_argument("--top-k", type=int, default=10, metavar="K", help="results per view (default: %(default)s)")
-    p.add_argument("--no-cache", action="store_true", help="with --images: neither read nor write feature caches")
+    p.add_argument("--no-cache", action="store_true",
+                   help="neither read nor write the feature caches (default: the split's features are cached next "
+                        "to the checkpoint, .dualpath_browse_<split>_<hash>.npz, a folder's in the folder, so a "
+                        "second start-up skips the encoding)")
     p.add_argument("--device", default="auto", metavar="DEV",
                    help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
@@ -76,7 +79,7 @@ def check_args(args: argparse.Namespace) -> None:
 
 def load_index(args: argparse.Namespace):
     """Load the model and encode the gallery once (progress on stderr) -> BrowseIndex."""
-    from .browse_index import from_folder, from_split
+    from .browse_index import default_split_cache, from_folder, from_split
     from .data import Prepared
     from .model_io import load_model
     from .search import _resolve_device
@@ -92,9 +95,12 @@ def load_index(args: argparse.Namespace):
         if len(data.split_images(args.split)) == 0:
             raise BrowseStartError(f"--split {args.split}: {args.data} has no {args.split} images")
         return from_split(model, data, args.split, device, top_k=args.top_k, precision=args.precision,
-                          batch_size=args.batch_size, source=str(args.checkpoint))
+                          batch_size=args.batch_size, source=str(args.checkpoint),
+                          cache_key=checkpoint_key(args.checkpoint),
+                          cache=None if args.no_cache else default_split_cache(args.checkpoint, data, args.split))
     return from_folder(model, data, args.split, args.images, device, top_k=args.top_k, precision=args.precision,
-                       batch_size=args.batch_size, cache_key=checkpoint_key(args.checkpoint), source=str(args.checkpoint),
+                       batch_size=args.batch_size, cache_key=checkpoint_key(args.checkpoint),
+                       source=str(args.checkpoint),
                        image_cache=None if args.no_cache else default_image_cache(args.images, args.checkpoint),
                        caption_cache=None if args.no_cache else default_caption_cache(args.checkpoint, data,
                                                                                        args.split))

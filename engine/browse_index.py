@@ -17,6 +17,7 @@ Requests name images and captions by their position in the loaded gallery / capt
 """
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -32,7 +33,8 @@ from .browse_limits import MAX_K, MAX_PER_PAGE, MAX_QUERY_CHARS, THUMB_CACHE, TH
 from .data import Prepared
 from .encode import encode_split
 from .metrics import DIRECTIONS, evaluate_retrieval, retrieval_ranks
-from .search_index import QueryError, encode_captions, encode_folder, encode_query, tokenize_query, vocabulary
+from .search_index import (CACHE_VERSION, QueryError, _atomic_savez, _read_cache, checkpoint_key, encode_captions,
+                           encode_folder, encode_query, tokenize_query, vocabulary)
 
 
 
@@ -257,10 +259,20 @@ class BrowseIndex:
 # ------------------------------------------------------------------------------------------------ building
 def from_split(model, data: Prepared, split: str, device: torch.device, *, top_k: int = 10, precision: str = "auto",
                batch_size: int = 64, directions: tuple[str, ...] | None = None, progress: bool = True,
-               source: str = "") -> BrowseIndex:
+               source: str = "", cache: Path | None = None, cache_key: str | None = None) -> BrowseIndex:
     """Encode a prepared split as evaluate.py does and evaluate it with the same function and directions
-    (``directions`` None: t2i only for person-matched data such as CUHK-PEDES, else both)."""
-    feats = encode_split(model, data, split, device, batch_size=batch_size, precision=precision, progress=progress)
+    (``directions`` None: t2i only for person-matched data such as CUHK-PEDES, else both). With ``cache`` (an .npz
+    path) and ``cache_key`` (the checkpoint's identity), the encoded features are saved there and reused by a later
+    start-up for the same checkpoint, prepared directory, split and precision."""
+    if cache is not None and cache_key is None:
+        raise ValueError("a split feature cache needs cache_key (e.g. engine.search_index.checkpoint_key(CKPT))")
+    key = split_cache_key(cache_key, data, split, precision, model.text.fc.out_features)
+    feats = _cached_split(cache, key, data, split)
+    if feats is None:
+        feats = encode_split(model, data, split, device, batch_size=batch_size, precision=precision,
+                             progress=progress)
+        if cache is not None:
+            write_split_cache(cache, key, feats)
     if directions is None:
         directions = ("t2i",) if data.manifest.get("match") == "person" else DIRECTIONS
     t = {k: torch.as_tensor(np.asarray(feats[k])) for k in ("images", "texts", "image_labels", "text_labels")}
@@ -276,6 +288,34 @@ def from_split(model, data: Prepared, split: str, device: torch.device, *, top_k
                       caption_labels=np.asarray(feats["text_labels"]), device=device, precision=precision,
                       top_k=top_k, evaluation=evaluation, ranks=ranks, source=source, image_rows=rows)
     return idx
+
+
+def split_cache_key(cache_key: str, data: Prepared, split: str, precision: str, dim: int) -> str:
+    """What a split feature cache is valid for: checkpoint identity, prepared directory, split, precision, size."""
+    return f"{cache_key}|{data.root.resolve()}|{data.manifest.get('created')}|{split}|{precision}|{dim}"
+
+
+def write_split_cache(cache: Path, key: str, feats: dict[str, np.ndarray]) -> bool:
+    """Save encode_split's arrays atomically (False, with a note, when the file cannot be written)."""
+    return _atomic_savez(cache, version=np.array(CACHE_VERSION), key=np.array(key), **feats)
+
+
+def _cached_split(cache: Path | None, key: str, data: Prepared, split: str) -> dict[str, np.ndarray] | None:
+    """encode_split's arrays from a cache written for ``key``, when its rows are still the split's rows."""
+    old = _read_cache(cache, key)
+    if old is None:
+        return None
+    if not (np.array_equal(old.get("image_rows"), data.split_images(split))
+            and np.array_equal(old.get("caption_rows"), data.split_captions(split))):
+        return None
+    return {k: old[k] for k in ("images", "texts", "image_labels", "text_labels", "image_rows", "caption_rows")}
+
+
+def default_split_cache(checkpoint: Path, data: Prepared, split: str) -> Path:
+    """Next to the checkpoint (the prepared directory stays read-only), named by checkpoint, data and split."""
+    key = f"{checkpoint_key(checkpoint)}|{data.root.resolve()}|{split}"
+    name = f".dualpath_browse_{split}_{hashlib.sha1(key.encode()).hexdigest()[:12]}.npz"
+    return Path(checkpoint).resolve().parent / name
 
 
 def from_folder(model, data: Prepared, split: str, folder: Path, device: torch.device, *, top_k: int = 10,

@@ -35,7 +35,7 @@ def _args(checkpoint, prepared, **kw) -> Namespace:
 
 @pytest.fixture(scope="module")
 def index(checkpoint, prepared):
-    return browse.load_index(_args(checkpoint, prepared))
+    return browse.load_index(_args(checkpoint, prepared, no_cache=True))
 
 
 @pytest.fixture(scope="module")
@@ -215,6 +215,27 @@ def test_unexpected_errors_hide_the_stack_trace(index, monkeypatch):
     d = _json(resp, 500)
     assert "internal error" in d["error"] and "secret" not in resp.get_data(as_text=True)
     assert app.test_client().post("/api/info").status_code == 405
+
+
+def test_split_features_cached_for_the_next_start(checkpoint, prepared, index, monkeypatch):
+    from engine import browse_index
+
+    cache = browse_index.default_split_cache(checkpoint, index.data, "test")
+    cache.unlink(missing_ok=True)
+    calls = []
+    real = browse_index.encode_split
+    monkeypatch.setattr(browse_index, "encode_split", lambda *a, **k: calls.append(1) or real(*a, **k))
+    first = browse.load_index(_args(checkpoint, prepared))
+    assert calls == [1] and cache.is_file() and cache.parent == Path(checkpoint).parent
+    second = browse.load_index(_args(checkpoint, prepared))  # from the cache: no encoding, same everything
+    assert calls == [1]
+    assert torch.equal(second.image_feats, first.image_feats) and torch.equal(second.caption_feats, first.caption_feats)
+    assert second.evaluation == first.evaluation == index.evaluation
+    browse.load_index(_args(checkpoint, prepared, no_cache=True))  # --no-cache: encoded again
+    assert calls == [1, 1]
+    browse.load_index(_args(checkpoint, prepared, precision="bf16"))  # other settings: the cache is not trusted
+    assert len(calls) == 3
+    cache.unlink()
 
 
 # ------------------------------------------------------------------------------------------------ own images
