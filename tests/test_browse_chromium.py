@@ -169,3 +169,50 @@ def test_evaluation_view_and_errors(server, driver, tmp_path):
     driver.get(f"{base}/?image=99")
     _wait(driver, state="error")
     assert "image ids are 0..2" in driver.find_element(By.CSS_SELECTOR, "#view .error").text
+
+
+@pytest.fixture(scope="module")
+def folder_server(model, data, tmp_path_factory):
+    from engine.browse_index import from_folder
+    from tests.test_visualize_search import COLOURS, _solid
+
+    photos = tmp_path_factory.mktemp("photos")
+    for name in ("red", "blue", "green"):
+        _solid(photos / f"{name}.jpg", COLOURS[name], (120, 90))
+    import torch
+    index = from_folder(model, data, "test", photos, torch.device("cpu"), top_k=2)
+    srv = browse.make_server(index, "127.0.0.1", 0)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{srv.port}", index
+    srv.shutdown()
+    thread.join(timeout=10)
+
+
+def test_own_image_folder(folder_server, driver, data):
+    """--images FOLDER: the home page shows the folder, an image opens its captions, nothing is marked, no
+    evaluation view."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    base, index = folder_server
+    driver.get(base + "/")
+    _wait(driver)
+    assert not driver.find_element(By.ID, "eval-link").is_displayed()
+    assert "no ground truth" in driver.find_element(By.ID, "meta").text
+    home = driver.find_elements(By.CSS_SELECTOR, "#view a.nav img")
+    assert len(home) == 3 and index.image_names == ["blue.jpg", "green.jpg", "red.jpg"]
+    home[2].click()
+    _wait(driver, url_part="?image=2")
+    assert driver.find_element(By.TAG_NAME, "h2").text == "Image 2: red.jpg"
+    texts = [li.find_element(By.CSS_SELECTOR, "a.nav").text
+             for li in driver.find_elements(By.CSS_SELECTOR, "#captions li")]
+    assert len(texts) == 2 and set(texts) <= set(data.captions["raw"].to_numpy()[data.split_captions("test")])
+    assert not driver.find_elements(By.CSS_SELECTOR, "#truth li")
+    driver.find_element(By.ID, "query").send_keys("a big red circle", Keys.ENTER)
+    _wait(driver, url_part="?q=")
+    tiles = driver.find_elements(By.CSS_SELECTOR, "#results .tile")
+    assert len(tiles) == 2 and all(t.get_attribute("data-correct") == "false" for t in tiles)
+    driver.get(base + "/?view=eval")
+    _wait(driver, state="error")
+    assert "no evaluation view" in driver.find_element(By.CSS_SELECTOR, "#view .error").text
