@@ -3,7 +3,8 @@ Selenium loads the page served from the tiny checkpoint of test_visualize_search
 query, sees the result images, opens an image view and reads its captions, follows permalinks and the back button,
 exports a PNG and checks the evaluation view's numbers.
 
-A screenshot of each view is written to the test's tmp dir; with ``DUALPATH_SCREENSHOTS=DIR`` also to DIR
+A screenshot of each view is written to the test's tmp dir; with ``DUALPATH_SCREENSHOTS=DIR`` also to DIR, with the
+query view's exported PNG
 (``DUALPATH_SCREENSHOTS=docs/img python -m pytest tests/test_browse_chromium.py`` refreshes the docs' pictures).
 Skipped only when chromium or chromedriver is not installed (``.ci/run`` installs both).
 """
@@ -117,6 +118,8 @@ def test_query_image_view_permalinks_and_export(server, driver, data, tmp_path):
     with Image.open(io.BytesIO(png)) as fig:
         assert fig.format == "PNG" and fig.size[0] == 900 and fig.size[1] > 150
     assert _green_pixels(png) > 500  # the correct image's green frame was drawn
+    if os.environ.get("DUALPATH_SCREENSHOTS"):
+        (Path(os.environ["DUALPATH_SCREENSHOTS"]) / "browse_export_query.png").write_bytes(png)
 
     first = tiles[0].get_attribute("data-id")
     tiles[0].click()
