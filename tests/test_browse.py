@@ -233,8 +233,10 @@ def test_split_features_cached_for_the_next_start(checkpoint, prepared, index, m
     assert second.evaluation == first.evaluation == index.evaluation
     browse.load_index(_args(checkpoint, prepared, no_cache=True))  # --no-cache: encoded again
     assert calls == [1, 1]
-    browse.load_index(_args(checkpoint, prepared, precision="bf16"))  # other settings: the cache is not trusted
-    assert len(calls) == 3
+    data = index.data  # another checkpoint or precision: another key, the cache is not trusted
+    key = browse_index.split_cache_key(browse_index.checkpoint_key(checkpoint), data, "test", "auto", 2048)
+    assert browse_index._cached_split(cache, key, data, "test") is not None
+    assert browse_index._cached_split(cache, key.replace("|auto|", "|bf16|"), data, "test") is None
     cache.unlink()
 
 
