@@ -58,7 +58,8 @@ def encode_split(model: DualPath, data: Prepared, split: str, device: torch.devi
         img_feats = np.zeros((len(rows), model.text.fc.out_features), dtype=np.float32)
         loader = DataLoader(TestImages(data, rows, batch_size), batch_size=None, num_workers=workers,
                             generator=torch.Generator())
-        for imgs, pos in _bar(loader, progress, f"{split} images", len(rows), lambda b: len(b[1])):
+        loader = _bar(loader, progress, f"{split} images", len(rows), lambda b: len(b[1]))  # (n images, positions)
+        for imgs, pos in loader:
             x = normalize_images(imgs.to(device, non_blocking=True), channels_last)
             with autocast(device, precision):
                 img_feats[pos.numpy()] = model.image.test_feature(x).float().cpu().numpy()  # (n, 2048)
