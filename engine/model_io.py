@@ -45,7 +45,7 @@ def load_model(checkpoint_path: str | Path, data: Prepared | str | Path,
     if diff:
         raise CheckpointMismatch(
             f"{path} was trained on prepared data {trained_on.get('dataset')!r} that differs from {data.root} "
-            f"(dataset {data.manifest.get('dataset')!r}) in {', '.join(f'{k} {a} vs {b}' for k, (a, b) in diff.items())}"
+            f"(dataset {data.manifest.get('dataset')!r}) in {', '.join(f'{k} {a} vs {b}' for k, (a, b) in diff.items())} (checkpoint vs prepared)"
             f"; pass the prepared directory the model was trained on (its dictionary defines the word indices)")
     state.setdefault("pretrained_source", "checkpoint")
     model, _ = make_model(config_from_dict(state["config"]), data, init=state)
