@@ -45,9 +45,7 @@ def resnet_spec(dag: DagNN) -> tuple[list[Entry], dict[str, Any]]:
     if conv1 is None or conv1.ndim != 4 or conv1.shape[:3] != (7, 7, 3):
         raise dag.fail(f"param 'conv1_filter' must be 7x7x3xC (the Caffe ResNet conv1), got "
                        f"{describe(conv1) if conv1 is not None else 'nothing'}")
-    base = int(conv1.shape[3])
-    if base % 8:
-        raise dag.fail(f"conv1 has {base} output channels; expected 64 x backbone_width, a multiple of 8")
+    base = int(conv1.shape[3])  # 64 x backbone_width
     entries = [Entry("conv2d", "conv1", ("conv1_filter", "conv1_bias"), "conv1", (7, 7, 3, base), 2, (3, 3, 3, 3),
                      "backbone"),
                Entry("bn", "bn_conv1", ("bn_conv1_mult", "bn_conv1_bias", "bn_conv1_moments"), "bn1", (base,),

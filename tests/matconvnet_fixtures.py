@@ -79,11 +79,13 @@ class NetBuilder:
 
 
 def _ids(n: int) -> list[str]:
-    return list(string.ascii_lowercase[:n])
+    """Caffe block names: a, b, c, ... (ResNet-50); a, b1, b2, ... for the long stages of ResNet-101/152."""
+    return list(string.ascii_lowercase[:n]) if n <= 6 else ["a"] + [f"b{i}" for i in range(1, n)]
 
 
-def resnet_net(width: float = 1 / 8, seed: int = 0, eps: float = 1e-5, fc1000: bool = True) -> NetBuilder:
-    """imagenet-resnet-50-dag.mat at ``width`` (64*width channels after conv1)."""
+def resnet_net(width: float = 1 / 8, seed: int = 0, eps: float = 1e-5, fc1000: bool = True,
+               blocks: tuple[int, int, int, int] = (3, 4, 6, 3)) -> NetBuilder:
+    """imagenet-resnet-50-dag.mat (or -152 with blocks (3, 8, 36, 3)) at ``width`` (64*width channels after conv1)."""
     nb = NetBuilder(seed)
     base = int(64 * width)
     x = nb.conv("conv1", "data", "conv1", (7, 7, 3, base), ["conv1_filter", "conv1_bias"], bias=True, stride=2,
@@ -92,7 +94,7 @@ def resnet_net(width: float = 1 / 8, seed: int = 0, eps: float = 1e-5, fc1000: b
     x = nb.relu("conv1_relu", x, "conv1x")
     x = nb.pool("pool1", x, "pool1", (3, 3), "max", 2, (0, 1, 0, 1))
     cin = base
-    for s, (stage, n) in enumerate(zip((2, 3, 4, 5), (3, 4, 6, 3))):
+    for s, (stage, n) in enumerate(zip((2, 3, 4, 5), blocks)):
         mid = base * 2 ** s
         out = 4 * mid
         for k, b in enumerate(_ids(n)):

@@ -351,6 +351,26 @@ def test_backbone_file_and_sidecar_load_as_caffe_style(files, tmp_path):
     assert conv.main(["backbone", str(files["imagenet"]), "--out", str(out)]) == 2  # exists: --overwrite needed
 
 
+def test_resnet152_block_names_map_to_the_right_layers():
+    """ResNet-152's Caffe names res3b1..res3b7, res4b1..res4b35 land in layer2[1..7], layer3[1..35]."""
+    from models.image_cnn import ImageCNN
+    nb = fx.resnet_net(width=1 / 16, seed=2, blocks=(3, 8, 36, 3), fc1000=False)
+    mean = np.array([[[100.0, 110.0, 120.0]]])
+    state, side = conv.backbone_state(mn.parse_dagnn(Path("imagenet-resnet-152-dag.mat"),
+                                                     plain(fx.net_struct(nb, mean))[0]))
+    assert side["arch"] == "resnet152" and "layer3.35.conv3.weight" in state
+    img = ImageCNN("resnet152", pretrained="none", feature_dim=8, style="caffe", bn_eps=side["bn_eps"],
+                   backbone_width=side["backbone_width"], pixel_mean=side["pixel_mean"]).eval()
+    img.backbone.load_state_dict({conv.backbone_key(k).removeprefix("image.backbone."): v
+                                  for k, v in state.items()}, strict=True)
+    image = np.random.default_rng(6).integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    with torch.no_grad():
+        ours = img.pool(img.backbone(img.normalize(torch.from_numpy(image.transpose(2, 0, 1).copy())[None])))
+    want = ref.run(nb.layers, nb.params, {"data": (image - mean.reshape(1, 1, 3))[..., None]}, "pool5")[..., 0]
+    np.testing.assert_allclose(ours[0].permute(1, 2, 0).double().numpy(), want, rtol=1e-4,
+                               atol=1e-4 * np.abs(want).max())
+
+
 # ------------------------------------------------------------------------------------------------ end to end
 def test_convert_prepare_with_dictionary_evaluate_compare_paper(tmp_path, capsys):
     """convert -> prepare a tiny Flickr30k with the authors' dictionary -> evaluate.py --checkpoint -> paper table;
