@@ -21,12 +21,13 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from models.image_cnn import IMAGENET_MEAN, IMAGENET_STD
+from prepare.cli import UserError
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
 
 
-class PreparedDataError(RuntimeError):
+class PreparedDataError(UserError, RuntimeError):
     pass
 
 

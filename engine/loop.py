@@ -23,6 +23,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from models import DualPath, build_model, hardest_negatives, param_groups, top1_accuracy, total_loss
+from prepare.cli import UserError
 
 from . import checkpoint as ckpt
 from .config import Config, config_from_dict
@@ -39,7 +40,7 @@ RUNTIME_KEYS = {"workers", "prefetch_factor", "log_every", "eval_batch_size", "c
                 "val_every"}  # may change on resume; everything else is the recipe
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(UserError, RuntimeError):
     pass
 
 
