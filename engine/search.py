@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from prepare.cli import ArgumentParser, run_guarded
+from prepare.cli import ArgumentParser, UserError, run_guarded
 
 if TYPE_CHECKING:
     import torch
@@ -35,7 +35,7 @@ API = ("IMAGE_SUFFIXES", "CACHE_VERSION", "SearchError", "QueryError", "top_k", 
        "default_image_cache", "default_caption_cache", "list_images", "load_image", "encode_images", "encode_folder",
        "Vocabulary", "vocabulary", "QueryTokens", "tokenize_query", "encode_query", "search_text", "encode_captions",
        "rank_captions", "search_image")
-__all__ = ["build_parser", "main", "run", *API]
+__all__ = ["build_parser", "check_args", "main", "run", *API]
 
 
 def __getattr__(name: str) -> Any:
@@ -110,34 +110,38 @@ def _resolve_device(name: str) -> torch.device:
     return dev
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """The checks that need no model (nor torch): a mistake here costs no import time. Raises UserError."""
+    if not args.query and not args.image:
+        raise UserError("nothing to search: give --query TEXT (with --images FOLDER) and/or --image PATH")
+    if args.query and args.images is None:
+        raise UserError("--query needs --images FOLDER (the images to search)")
+    if args.images is not None and not args.query:
+        raise UserError("--images FOLDER is searched with --query TEXT; none was given")
+    if args.top_k < 1:
+        raise UserError(f"--top-k {args.top_k}: expected a positive number of results")
+    if not args.checkpoint.is_file():
+        raise UserError(f"--checkpoint {args.checkpoint}: checkpoint not found (expected a .pt file written by "
+                        f"train_stage1.py / train_stage2.py, e.g. RUN_DIR/checkpoint_best.pt)")
+    if not (args.data / "manifest.json").is_file():
+        raise UserError(f"--data {args.data}: not a prepared directory (no manifest.json; run "
+                        f"python -m prepare.<dataset> first)")
+    for img in args.image:
+        if not img.is_file():
+            raise UserError(f"--image {img}: no such file (expected a .jpg/.jpeg/.png image)")
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Everything after parsing; raises SearchError (or a data/checkpoint error) on bad input."""
+    """Everything after parsing; raises UserError (SearchError, a data or checkpoint error) on bad input."""
+    check_args(args)
     import models  # noqa: F401  (first: installs the torchvision guard)
 
     from .checkpoint import write_json_atomic
     from .data import Prepared
     from .model_io import load_model
-    from .search_index import (SearchError, checkpoint_key, default_caption_cache, default_image_cache,
-                               encode_captions, encode_folder, list_images, rank_captions, search_text,
-                               tokenize_query, vocabulary)
+    from .search_index import (checkpoint_key, default_caption_cache, default_image_cache, encode_captions,
+                               encode_folder, list_images, rank_captions, search_text, tokenize_query, vocabulary)
 
-    if not args.query and not args.image:
-        raise SearchError("nothing to search: give --query TEXT (with --images FOLDER) and/or --image PATH")
-    if args.query and args.images is None:
-        raise SearchError("--query needs --images FOLDER (the images to search)")
-    if args.images is not None and not args.query:
-        raise SearchError("--images FOLDER is searched with --query TEXT; none was given")
-    if args.top_k < 1:
-        raise SearchError(f"--top-k {args.top_k}: expected a positive number of results")
-    if not args.checkpoint.is_file():
-        raise SearchError(f"--checkpoint {args.checkpoint}: checkpoint not found (expected a .pt file written by "
-                          f"train_stage1.py / train_stage2.py, e.g. RUN_DIR/checkpoint_best.pt)")
-    if not (args.data / "manifest.json").is_file():
-        raise SearchError(f"--data {args.data}: not a prepared directory (no manifest.json; run "
-                          f"python -m prepare.<dataset> first)")
-    for img in args.image:
-        if not img.is_file():
-            raise SearchError(f"--image {img}: no such file (expected a .jpg/.jpeg/.png image)")
     paths = list_images(args.images) if args.images is not None else []
     data = Prepared(args.data)
     queries = [tokenize_query(data, q) for q in args.query]  # fail fast, before loading anything big
