@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -96,6 +97,15 @@ def load_embeddings(path: str) -> dict[str, np.ndarray]:
         raise UserError(f"--embeddings {path}: arrays {bad} have dtypes {[str(feats[k].dtype) for k in bad]}; "
                         f"expected floating-point features and integer labels")
     return feats
+
+
+def check_writable(flag: str, path: Path) -> None:
+    """``path`` can be written: its nearest existing ancestor is a writable directory (the rest is created)."""
+    parent = path.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise UserError(f"{flag} {path}: cannot be written ({parent} is not a writable directory)")
 
 
 def check_paper_row(row: str) -> None:
@@ -180,6 +190,9 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if args.compare_paper:
         check_paper_row(args.compare_paper)
+    for flag, out in (("--out", args.out), ("--save-embeddings", args.save_embeddings)):
+        if out:
+            check_writable(flag, Path(out))  # fail before encoding, not after
     if args.embeddings:
         feats = load_embeddings(args.embeddings)
         meta = {"embeddings": str(Path(args.embeddings).resolve()), "dataset": "embeddings", "match": "label"}

@@ -98,7 +98,12 @@ class Trainer:
         init_state = ckpt.load(init) if init else None
         if cfg.stage == 2 and init_state is None:
             raise ValueError("Stage II needs --init STAGE1_CHECKPOINT")
-        self.module, self.pretrained_source = make_model(cfg, self.data, init_state)
+        try:
+            self.module, self.pretrained_source = make_model(cfg, self.data, init_state)
+        except (ValueError, RuntimeError) as e:  # the Stage I checkpoint does not fit this recipe (or is not one)
+            if init_state is None:
+                raise
+            raise ValueError(f"--init {init}: {e}") from None
         self.module.to(self.device)
         if self.channels_last:
             self.module.image.to(memory_format=torch.channels_last)

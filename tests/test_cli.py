@@ -169,6 +169,7 @@ def test_evaluate_input_errors(tmp_path):
         (["--table", str(tmp_path / "none.json")], [tmp_path / "none.json"]),
         (["--table", str(garbage)], [garbage, "results JSON"]),
         (["--embeddings", str(tmp_path / "ok.npz"), "--visualize", "3"], ["--visualize", "--checkpoint"]),
+        (["--embeddings", str(tmp_path / "ok.npz"), "--out", str(single / "r.json")], ["--out", single]),
     ]
     for args, names in cases:
         proc, heavy = run("evaluate.py", *args, importtime=True)
