@@ -33,7 +33,7 @@ EMBEDDING_ARRAYS = ("images", "texts", "image_labels", "text_labels")
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = ArgumentParser(prog="evaluate.py", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--embeddings", help="npz with images (N,D), texts (M,D), image_labels (N,), text_labels (M,);"
                                           " a text matches an image when their labels are equal")
@@ -199,7 +199,13 @@ def run(args: argparse.Namespace) -> int:
     else:
         feats, meta = from_checkpoint(args)
         if args.save_embeddings:
-            np.savez(args.save_embeddings, **{k: feats[k] for k in EMBEDDING_ARRAYS})
+            out = Path(args.save_embeddings)
+            tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.npz")  # written whole, then renamed into place
+            try:
+                np.savez(tmp, **{k: feats[k] for k in EMBEDDING_ARRAYS})
+                os.replace(tmp, out)
+            finally:
+                tmp.unlink(missing_ok=True)
     data = meta.pop("_data", None)
     directions = {"both": ("i2t", "t2i"), "t2i": ("t2i",), None: None}[args.directions]
     if directions is None:

@@ -162,7 +162,7 @@ def prepare(args: argparse.Namespace) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     """The command line (every flag explained by --help)."""
     p = ArgumentParser(prog="python -m prepare.coco", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", required=True, type=Path, metavar="ROOT",
                    help="folder holding train2014/ val2014/ and/or train2017/ val2017/")
     g = p.add_mutually_exclusive_group(required=True)

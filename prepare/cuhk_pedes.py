@@ -64,7 +64,7 @@ def prepare(args: argparse.Namespace) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     """The command line (every flag explained by --help)."""
     p = ArgumentParser(prog="python -m prepare.cuhk_pedes", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", required=True, type=Path, metavar="DIR", help="CUHK-PEDES folder (reid_raw.json, imgs/)")
     p.add_argument("--json-name", default="reid_raw.json", metavar="NAME",
                    help="annotation file name inside DIR (default reid_raw.json)")

@@ -152,7 +152,7 @@ def build_parser(dataset: str = "flickr30k", split_lists: bool = False,
                  description: str | None = None) -> argparse.ArgumentParser:
     """The command line of prepare.flickr30k (and, with split_lists=True, of prepare.flickr8k)."""
     p = ArgumentParser(prog=f"python -m prepare.{dataset}", description=description or __doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", required=True, type=Path, metavar="DIR",
                    help="folder holding the .jpg files (flickr30k-images/ or Flicker8k_Dataset/)")
     p.add_argument("--captions", required=True, type=Path, metavar="FILE",

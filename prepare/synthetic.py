@@ -368,8 +368,8 @@ def make_synthetic(out_dir: str | Path, images: int = 600, seed: int = 0, val: i
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = ArgumentParser(prog="python -m prepare.synthetic", description=__doc__.split("\n\n")[0],
-                                epilog="Writes images/, results_20130124.token, dataset_flickr30k.json, word2vec.bin, "
-                                "scenes.json and README.txt; feed them to python -m prepare.flickr30k.")
+                       epilog="Writes images/, results_20130124.token, dataset_flickr30k.json, word2vec.bin, "
+                       "scenes.json and README.txt; feed them to python -m prepare.flickr30k.")
     p.add_argument("--out", required=True, help="output directory (created; must be absent or empty)")
     p.add_argument("--images", type=int, default=600, help="number of images (= scenes), each with 5 captions "
                    "(default: 600)")

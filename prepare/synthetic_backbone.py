@@ -174,7 +174,7 @@ def pretrain(out: str | Path, arch: str = "resnet18", size: int = 64, images: in
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = ArgumentParser(prog="python -m prepare.synthetic_backbone", description=__doc__.split("\n\n")[0],
-                                epilog="Load the result with --pretrained FILE.pth (configs/demo.yaml does).")
+                       epilog="Load the result with --pretrained FILE.pth (configs/demo.yaml does).")
     p.add_argument("--out", required=True, help="state dict to write (FILE.pth; FILE.pth.json gets the recipe)")
     p.add_argument("--exclude", default=None, help="scenes.json of a prepare.synthetic dataset whose scenes the "
                    "pool must not contain (the demo passes its own)")
