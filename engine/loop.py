@@ -22,8 +22,8 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
-from models import DualPath, build_model, hardest_negatives, param_groups, top1_accuracy, total_loss
 from prepare.cli import UserError
+from models import DualPath, build_model, hardest_negatives, param_groups, top1_accuracy, total_loss
 
 from . import checkpoint as ckpt
 from .config import Config, config_from_dict
