@@ -416,4 +416,6 @@ def run_cli(prepare_fn: Callable[[argparse.Namespace], dict], parser: argparse.A
     def body() -> None:
         print(summary(prepare_fn(args), args.out))
 
-    return run_guarded(body, interrupted=f"interrupted: nothing was written to {args.out}")
+    # PrepareError names the input file and line; OSError its path. A ValueError here would be a bug: traceback.
+    return run_guarded(body, errors=(UserError, OSError),
+                       interrupted=f"interrupted: nothing was written to {args.out}")
