@@ -211,7 +211,12 @@ def run(args: argparse.Namespace) -> int:
     if directions is None:
         directions = ("t2i",) if meta.get("match") == "person" else ("i2t", "t2i")
     n_img = len(feats["images"])
-    results = score(feats, args.coco_1k, directions)
+    try:
+        results = score(feats, args.coco_1k, directions)
+    except ValueError as e:  # labels without a match, --coco-1k on a size that is not 5 folds of 1,000
+        source = (f"--embeddings {args.embeddings}" if args.embeddings
+                  else f"--checkpoint {args.checkpoint} on {args.data}")
+        raise UserError(f"{source}: {e}") from None
     results.update(meta, split=args.split if args.checkpoint else None, num_images=n_img,
                    num_texts=len(feats["texts"]),
                    captions=("all" if args.first_k is None else f"first {args.first_k}"),

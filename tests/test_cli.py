@@ -170,6 +170,9 @@ def test_evaluate_input_errors(tmp_path):
         (["--table", str(garbage)], [garbage, "results JSON"]),
         (["--embeddings", str(tmp_path / "ok.npz"), "--visualize", "3"], ["--visualize", "--checkpoint"]),
         (["--embeddings", str(tmp_path / "ok.npz"), "--out", str(single / "r.json")], ["--out", single]),
+        (["--embeddings", str(small_npz(tmp_path / "u.npz", text_labels=np.repeat(np.arange(4), 2) + 7))],
+         ["u.npz", "no correct item"]),
+        (["--embeddings", str(tmp_path / "ok.npz"), "--coco-1k"], ["ok.npz", "folds"]),
     ]
     for args, names in cases:
         proc, heavy = run("evaluate.py", *args, importtime=True)
