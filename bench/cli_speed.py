@@ -27,7 +27,7 @@ import numpy as np
 from common import ROOT, add_output_args, report, table
 from prepare.cli import ArgumentParser
 
-HEADING = "## 6. Command lines: --help and evaluate.py --embeddings"
+HEADING = "## 7. Command lines: --help and evaluate.py --embeddings"
 HEAVY = ("torch", "torchvision", "models")  # top-level packages no --help may import
 BASELINE = ("import sys, numpy as np, torch; z = np.load(sys.argv[1]); "
             "s = torch.from_numpy(z['images']) @ torch.from_numpy(z['texts']).T")

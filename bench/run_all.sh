@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every benchmark, appended to BENCHMARKS.md (sections 1-6), on this machine's device (CUDA when present):
+# Every benchmark, appended to BENCHMARKS.md (sections 1-5, 7), on this machine's device (CUDA when present):
 #   bash bench/run_all.sh              # the real run (a quiet machine, or the GPU host)
 #   bash bench/run_all.sh --no-write   # extra arguments go to every script
 #   SMOKE=1 bash bench/run_all.sh --no-write   # tiny settings: checks that everything runs (a few minutes on CPU)

@@ -3,9 +3,7 @@
 One module per dataset (``python -m prepare.flickr30k``, ``prepare.flickr8k``, ``prepare.coco``,
 ``prepare.cuhk_pedes``) plus ``prepare.synthetic`` (writes a small *raw* dataset in the Flickr30k formats).
 They share ``prepare.core`` (tokenise, dictionary, index, atomic cache writer, manifest), ``prepare.word2vec``
-and ``prepare.images``. ``prepare.cli`` holds the command-line convention of every entry point of the
-repository (docs/cli.md). This package never imports the models (``prepare.synthetic_backbone``, the demo's
-stand-in for ImageNet pretraining, does so inside its functions).
+and ``prepare.images``. This package never imports the models.
 
 The prepared directory (format version 1)::
 
