@@ -48,6 +48,9 @@ def load_model(checkpoint_path: str | Path, data: Prepared | str | Path,
             f"(dataset {data.manifest.get('dataset')!r}) in {', '.join(f'{k} {a} vs {b}' for k, (a, b) in diff.items())} (checkpoint vs prepared)"
             f"; pass the prepared directory the model was trained on (its dictionary defines the word indices)")
     state.setdefault("pretrained_source", "checkpoint")
-    model, _ = make_model(config_from_dict(state["config"]), data, init=state)
+    try:
+        model, _ = make_model(config_from_dict(state["config"]), data, init=state)
+    except RuntimeError as e:  # load_state_dict: missing keys or other shapes than its own config builds
+        raise CheckpointMismatch(f"{path}: its weights do not fit the network its config describes: {e}") from None
     model.to(torch.device(device)).eval()
     return model, state

@@ -26,6 +26,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from prepare.cli import UserError, run_guarded
+
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
 DELIMITERS = "-.,()"  # spec 2.1, plus any whitespace; consecutive delimiters collapse
@@ -34,7 +36,7 @@ KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "
 MAX_EXAMPLES = 5
 
 
-class PrepareError(Exception):
+class PrepareError(UserError):
     """Unusable input or options. The message names the file (and line or key) and what was expected."""
 
 
@@ -427,15 +429,13 @@ def summary(manifest: dict[str, Any], out: Path) -> str:
 
 def run_cli(prepare_fn: Callable[[argparse.Namespace], dict], parser: argparse.ArgumentParser,
             argv: Sequence[str] | None = None) -> int:
-    """Parse argv, run ``prepare_fn(args)``; errors print ``error: ...`` on stderr and return 2."""
+    """Parse argv, run ``prepare_fn(args)``; errors print one ``error: ...`` line on stderr and return 2
+    (the convention of prepare/cli.py)."""
     args = parser.parse_args(argv)
-    try:
-        manifest = prepare_fn(args)
-    except PrepareError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"interrupted: nothing was written to {args.out}", file=sys.stderr)
-        return 130
-    print(summary(manifest, args.out))
-    return 0
+
+    def body() -> None:
+        print(summary(prepare_fn(args), args.out))
+
+    # PrepareError names the input file and line; OSError its path. A ValueError here would be a bug: traceback.
+    return run_guarded(body, errors=(UserError, OSError),
+                       interrupted=f"interrupted: nothing was written to {args.out}")
