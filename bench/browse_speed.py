@@ -32,8 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DEFAULT_CACHE, ROOT, add_output_args, report, table, usable_cores  # noqa: E402
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+from prepare.cli import ArgumentParser  # noqa: E402
 
 HEADING = "## 6. Retrieval browser: start-up and request times"
 
@@ -64,6 +63,7 @@ def demo_checkpoint(data_dir: Path, out: Path) -> Path:
     from engine.data import Prepared
     from engine.loop import make_model
 
+    import torch
     data = Prepared(data_dir)
     cfg = load_config(ROOT / "configs" / "demo.yaml", stage=1, overrides={"pretrained": "none"})
     torch.manual_seed(0)
@@ -88,7 +88,7 @@ def ms(xs: list[float]) -> tuple[str, str]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--test-images", type=int, default=5000, help="images in the test split (5 captions each)")
     ap.add_argument("--repeats", type=int, default=20, help="requests of each kind (different items)")
     ap.add_argument("--encode", choices=("sample", "all"), default="sample",
@@ -98,6 +98,9 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="where the prepared data is built once")
     add_output_args(ap)
     args = ap.parse_args()
+
+    import numpy as np  # after parsing: --help answers at once
+    import torch
 
     from engine import browse, browse_index
     from engine.browse_app import create_app

@@ -16,9 +16,11 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from prepare.cli import ArgumentParser, UserError, fail
+
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m engine.browse", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Serve a local retrieval browser for a trained dual-path model: a query box, an image view, "
                     "an evaluation view (the numbers evaluate.py prints), permalinks and PNG export.",
@@ -52,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-class BrowseStartError(Exception):
+class BrowseStartError(UserError):
     """A user error found before serving (exit code 2)."""
 
 
@@ -130,8 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OSError as e:  # the port is taken, or the address cannot be bound
             raise BrowseStartError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     except BrowseStartError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return fail(e)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

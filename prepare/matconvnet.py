@@ -27,13 +27,15 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
+from prepare.cli import ArgumentParser, run_guarded
+
 CONVERTER = "prepare.matconvnet"
 CONVERTER_VERSION = 1
 DATASETS = ("flickr30k", "coco", "cuhk_pedes", "flickr8k")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m prepare.matconvnet", description=__doc__,
+    p = ArgumentParser(prog="python -m prepare.matconvnet", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True, metavar="{backbone,model,inspect}")
     b = sub.add_parser("backbone", help="imagenet-resnet-{50,152}-dag.mat -> caffe-style backbone state dict + JSON")
@@ -301,27 +303,26 @@ def inspect(path: Path) -> list[str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from prepare.core import PrepareError
-    try:
-        if args.command == "inspect":
-            print("\n".join(inspect(args.file)[1:]))
-            return 0
-        if args.command == "backbone":
-            side = convert_backbone(args.file, args.out, args.overwrite)
-            print(f"{args.file} -> {args.out} ({side['arch']}, caffe style, bn_eps {side['bn_eps']:g}, "
-                  f"width {side['backbone_width']:g}, pixel_mean {[round(v, 3) for v in side['pixel_mean']]}) "
-                  f"+ {args.out}.json")
-            warnings = side["warnings"]
-        else:
-            meta = convert_model(args.file, args.dictionary, args.out, args.data, args.dataset, args.overwrite)
-            c, d = meta["config"], meta["data"]
-            print(f"{args.file} -> {args.out}: {c['arch']} caffe style, Stage {meta['stage']}, epoch {meta['epoch']}, "
-                  f"{d['dataset']}: {d['num_classes']} classes, vocabulary {d['vocab_size']}, max_len {d['max_len']}, "
-                  f"feature {c['feature_dim']}, dropout {c['dropout']}")
-            warnings = meta["provenance"]["warnings"]
-    except PrepareError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return run_guarded(lambda: _run(args))
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "inspect":
+        print("\n".join(inspect(args.file)[1:]))
+        return 0
+    if args.command == "backbone":
+        side = convert_backbone(args.file, args.out, args.overwrite)
+        print(f"{args.file} -> {args.out} ({side['arch']}, caffe style, bn_eps {side['bn_eps']:g}, "
+              f"width {side['backbone_width']:g}, pixel_mean {[round(v, 3) for v in side['pixel_mean']]}) "
+              f"+ {args.out}.json")
+        warnings = side["warnings"]
+    else:
+        meta = convert_model(args.file, args.dictionary, args.out, args.data, args.dataset, args.overwrite)
+        c, d = meta["config"], meta["data"]
+        print(f"{args.file} -> {args.out}: {c['arch']} caffe style, Stage {meta['stage']}, epoch {meta['epoch']}, "
+              f"{d['dataset']}: {d['num_classes']} classes, vocabulary {d['vocab_size']}, max_len {d['max_len']}, "
+              f"feature {c['feature_dim']}, dropout {c['dropout']}")
+        warnings = meta["provenance"]["warnings"]
     for w in warnings:
         print(f"warning: {w}", file=sys.stderr)
     return 0
