@@ -10,25 +10,30 @@
 
 Nothing is selected or tuned here: one checkpoint in, its numbers out. Model selection happens during training on
 the val split only (checkpoint_best.pt).
+
+Exit status: 0 success, 2 bad input (one line on stderr: error: ..., naming the file).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-import models  # noqa: F401  (torchvision guard first)
+from prepare.cli import ArgumentParser, UserError, run_guarded
 
+# torch is imported after parsing, torchvision and the models only with --checkpoint (docs/cli.md)
 RESULT_KEYS = ("R@1", "R@5", "R@10", "medr", "meanr")
+EMBEDDING_ARRAYS = ("images", "texts", "image_labels", "text_labels")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="evaluate.py", description=__doc__.split("\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p = ArgumentParser(prog="evaluate.py", description=__doc__.split("\n")[0],
+                       formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--embeddings", help="npz with images (N,D), texts (M,D), image_labels (N,), text_labels (M,);"
                                           " a text matches an image when their labels are equal")
@@ -56,7 +61,60 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.checkpoint and not args.data:
         p.error("--checkpoint needs --data PREPARED_DIR")
+    for flag, value in (("--visualize", args.visualize), ("--save-embeddings", args.save_embeddings)):
+        if value and not args.checkpoint:
+            p.error(f"{flag} needs --checkpoint (it uses the prepared images / writes the encoded features)")
     return args
+
+
+def load_embeddings(path: str) -> dict[str, np.ndarray]:
+    """The four arrays of an embeddings npz, checked: images (N, D), texts (M, D), image_labels (N,), text_labels (M,)
+    with integer labels. Raises UserError naming the file and what was expected."""
+    expected = "an .npz with images (N, D), texts (M, D), image_labels (N,), text_labels (M,)"
+    if not Path(path).is_file():
+        raise UserError(f"--embeddings {path}: no such file (expected {expected})")
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--embeddings {path}: not readable as {expected} ({e})") from None
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise UserError(f"--embeddings {path}: a single array, expected {expected}")
+    with z:
+        missing = sorted(set(EMBEDDING_ARRAYS) - set(z.files))
+        if missing:
+            raise UserError(f"--embeddings {path}: missing arrays {missing} (has {z.files}); expected {expected}")
+        try:
+            feats = {k: z[k] for k in EMBEDDING_ARRAYS}
+        except (OSError, ValueError) as e:  # a truncated or object array
+            raise UserError(f"--embeddings {path}: unreadable array ({e})") from None
+    img, txt, il, tl = (feats[k] for k in EMBEDDING_ARRAYS)
+    shapes = {k: v.shape for k, v in feats.items()}
+    if (img.ndim != 2 or txt.ndim != 2 or img.shape[1] != txt.shape[1] or il.shape != img.shape[:1]
+            or tl.shape != txt.shape[:1] or 0 in img.shape or 0 in txt.shape):
+        raise UserError(f"--embeddings {path}: shapes {shapes}; expected {expected}, N, M, D > 0")
+    bad = [k for k in EMBEDDING_ARRAYS if not (np.issubdtype(feats[k].dtype, np.integer) if k.endswith("labels")
+                                               else np.issubdtype(feats[k].dtype, np.floating))]
+    if bad:
+        raise UserError(f"--embeddings {path}: arrays {bad} have dtypes {[str(feats[k].dtype) for k in bad]}; "
+                        f"expected floating-point features and integer labels")
+    return feats
+
+
+def check_writable(flag: str, path: Path) -> None:
+    """``path`` can be written: its nearest existing ancestor is a writable directory (the rest is created)."""
+    parent = path.absolute().parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise UserError(f"{flag} {path}: cannot be written ({parent} is not a writable directory)")
+
+
+def check_paper_row(row: str) -> None:
+    """Fail before any encoding when --compare-paper names no row of configs/paper_results.yaml."""
+    from engine.paper import DEFAULT_PATH, load_paper_rows
+    rows = load_paper_rows()
+    if row not in rows:
+        raise UserError(f"--compare-paper {row}: not a row of {DEFAULT_PATH}; available rows: {list(rows)}")
 
 
 def protocol_name(dataset: str, split: str, n_images: int, coco_1k: bool, first_k: int | None) -> str:
@@ -85,6 +143,7 @@ def score(feats: dict, coco_1k: bool, directions: tuple[str, ...]) -> dict:
 def from_checkpoint(args: argparse.Namespace) -> tuple[dict, dict]:
     import torch
 
+    import models  # noqa: F401  (installs the torchvision guard first)
     from engine.data import Prepared
     from engine.encode import encode_split
     from engine.model_io import load_model
@@ -108,7 +167,12 @@ def from_checkpoint(args: argparse.Namespace) -> tuple[dict, dict]:
 def print_table(paths: list[str]) -> str:
     rows = []
     for p in paths:
-        r = json.loads(Path(p).read_text())
+        try:
+            r = json.loads(Path(p).read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise UserError(f"--table {p}: expected a results JSON written by evaluate.py --out ({e})") from None
+        if not isinstance(r, dict):
+            raise UserError(f"--table {p}: expected a results JSON written by evaluate.py --out (a mapping)")
         label = f"{r.get('dataset', '?')} stage {r.get('stage', '?')} ({r.get('protocol', r.get('split', '?'))})"
         cells = [f"{r[d][k]:.1f}" if d in r and k in r[d] else "–" for d in ("i2t", "t2i") for k in RESULT_KEYS]
         rows.append(f"| {label} | " + " | ".join(cells) + f" | {r.get('rsum', float('nan')):.1f} |")
@@ -119,28 +183,43 @@ def print_table(paths: list[str]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    return run_guarded(lambda: run(args))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Everything after parsing; a UserError (or OSError / ValueError) names the file that is wrong."""
     if args.table:
         print(print_table(args.table))
         return 0
+    if args.compare_paper:
+        check_paper_row(args.compare_paper)
+    for flag, out in (("--out", args.out), ("--save-embeddings", args.save_embeddings)):
+        if out:
+            check_writable(flag, Path(out))  # fail before encoding, not after
     if args.embeddings:
-        z = np.load(args.embeddings)
-        missing = {"images", "texts", "image_labels", "text_labels"} - set(z.files)
-        if missing:
-            print(f"error: {args.embeddings}: missing arrays {sorted(missing)} (has {z.files})", file=sys.stderr)
-            return 2
-        feats = {k: z[k] for k in z.files}
+        feats = load_embeddings(args.embeddings)
         meta = {"embeddings": str(Path(args.embeddings).resolve()), "dataset": "embeddings", "match": "label"}
     else:
         feats, meta = from_checkpoint(args)
         if args.save_embeddings:
-            np.savez(args.save_embeddings, **{k: feats[k] for k in ("images", "texts", "image_labels",
-                                                                      "text_labels")})
+            out = Path(args.save_embeddings)
+            tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.npz")  # written whole, then renamed into place
+            try:
+                np.savez(tmp, **{k: feats[k] for k in EMBEDDING_ARRAYS})
+                os.replace(tmp, out)
+            finally:
+                tmp.unlink(missing_ok=True)
     data = meta.pop("_data", None)
     directions = {"both": ("i2t", "t2i"), "t2i": ("t2i",), None: None}[args.directions]
     if directions is None:
         directions = ("t2i",) if meta.get("match") == "person" else ("i2t", "t2i")
     n_img = len(feats["images"])
-    results = score(feats, args.coco_1k, directions)
+    try:
+        results = score(feats, args.coco_1k, directions)
+    except ValueError as e:  # labels without a match, --coco-1k on a size that is not 5 folds of 1,000
+        source = (f"--embeddings {args.embeddings}" if args.embeddings
+                  else f"--checkpoint {args.checkpoint} on {args.data}")
+        raise UserError(f"{source}: {e}") from None
     results.update(meta, split=args.split if args.checkpoint else None, num_images=n_img,
                    num_texts=len(feats["texts"]),
                    captions=("all" if args.first_k is None else f"first {args.first_k}"),

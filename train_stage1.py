@@ -6,8 +6,7 @@ Multi-GPU: torchrun --nproc_per_node=N train_stage1.py ... (batch_size stays the
 """
 import sys
 
-import models  # noqa: F401  (torchvision guard first)
-from engine.train_cli import main
+from engine.train_cli import main  # parses arguments before importing torch and the models
 
 if __name__ == "__main__":
     sys.exit(main(1))

@@ -1,7 +1,8 @@
 """Helpers shared by the bench/ scripts: machine description, markdown tables appended to BENCHMARKS.md, timing, the
 synthetic prepared dataset they train on, and Trainer construction (Stage II from a Stage I checkpoint).
 
-Importing this module puts the repository root on sys.path (the scripts run as ``python bench/x.py``).
+Importing this module puts the repository root on sys.path (the scripts run as ``python bench/x.py``). It imports
+torch only inside the functions that use it: every bench script parses its arguments first (docs/cli.md).
 """
 from __future__ import annotations
 
@@ -14,13 +15,14 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+if TYPE_CHECKING:
+    import torch
 
 BENCHMARKS = ROOT / "BENCHMARKS.md"
 DEFAULT_CACHE = ROOT / "runs" / "bench_data"  # runs/ is git-ignored
@@ -38,6 +40,8 @@ def cpu_model() -> str:
 
 
 def device() -> torch.device:
+    import torch
+
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
@@ -54,6 +58,8 @@ def load_average() -> str:
 
 def machine_line() -> str:
     """CPU model, cores, torch version and threads, CUDA/GPU, load average (call it at the end of a run)."""
+    import torch
+
     gpu = "no GPU"
     if torch.cuda.is_available():
         gpu = (f"GPU {torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda}, cuDNN "
@@ -126,6 +132,8 @@ def report(args: argparse.Namespace, heading: str, title: str, notes: Sequence[s
 # ------------------------------------------------------------------------------------------------ timing
 def sync(dev: torch.device) -> None:
     if dev.type == "cuda":
+        import torch
+
         torch.cuda.synchronize(dev)
 
 

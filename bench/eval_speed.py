@@ -24,22 +24,25 @@ import shlex
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from common import append_to_benchmarks, cpu_model  # noqa: E402  (bench/common.py)
-from engine.metrics import evaluate_retrieval, recall_metrics  # noqa: E402
+from prepare.cli import ArgumentParser  # noqa: E402
+
+if TYPE_CHECKING:
+    import torch
 
 HEADING = "## 4. Evaluation: COCO 5K ranking"
 
 
 def make_data(n_images: int, captions: str, dim: int, flip: float, seed: int):
     """Image = 1024-sparse +-1/32 vector (norm 1); caption = its image with each sign flipped with prob. ``flip``."""
+    import torch
+
     g = torch.Generator().manual_seed(seed)
     lo, hi = (int(x) for x in captions.split("-")) if "-" in captions else (int(captions),) * 2
     counts = torch.randint(lo, hi + 1, (n_images,), generator=g)
@@ -55,6 +58,10 @@ def make_data(n_images: int, captions: str, dim: int, flip: float, seed: int):
 def argsort_evaluator(images: torch.Tensor, texts: torch.Tensor, text_labels: torch.Tensor) -> dict[str, Any]:
     """The usual evaluator: full score matrix, then for every query a full argsort of its scores and the position of
     its first correct item (Python loop over queries)."""
+    import torch
+    import torch.nn.functional as F
+
+    from engine.metrics import recall_metrics
     im, tx = F.normalize(images, dim=1), F.normalize(texts, dim=1)
     sims = torch.mm(im, tx.T).numpy()  # (N, M)
     labels = text_labels.numpy()
@@ -84,7 +91,7 @@ def timed(fn: Callable[[], Any]) -> tuple[tuple[float, float], Any]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=5000)
     ap.add_argument("--captions", default="5", help="captions per image: N or LO-HI (random per image)")
     ap.add_argument("--dim", type=int, default=2048)
@@ -95,6 +102,9 @@ def main() -> None:
     ap.add_argument("--output", type=Path, default=ROOT / "BENCHMARKS.md", help="markdown file to append to")
     ap.add_argument("--no-write", action="store_true", help="print only")
     args = ap.parse_args()
+    import torch  # after parsing: --help answers at once (docs/cli.md)
+
+    from engine.metrics import evaluate_retrieval
 
     images, texts, image_labels, text_labels = make_data(args.images, args.captions, args.dim, args.flip, args.seed)
     print(f"{len(images)} images x {len(texts)} captions, d={args.dim}; torch threads {torch.get_num_threads()}")

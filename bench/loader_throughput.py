@@ -26,11 +26,9 @@ import math
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import common  # noqa: F401  (puts the repository root on sys.path)
-import torch
-from torch.utils.data import DataLoader
-
 from common import (DEFAULT_CACHE, add_output_args, build_trainer, default_image_size, device, model_pairs_per_s,
                     report, synthetic_prepared, table, time_repeated, usable_cores)
 
@@ -38,8 +36,17 @@ HEADING = "## 2. Data pipeline"
 MARGIN = 1.25
 
 
+from prepare.cli import ArgumentParser  # noqa: E402
+
+if TYPE_CHECKING:
+    import torch
+
+
 def run_loader(ds, workers: int, pin: bool, persistent: bool, prefetch: int, epochs: int, k: int,
                dev: torch.device) -> dict[str, float]:
+    import torch
+    from torch.utils.data import DataLoader
+
     n = len(ds)
     loader = DataLoader(ds, batch_size=None, sampler=[i % n for i in range(k)], num_workers=workers,
                         pin_memory=pin, persistent_workers=persistent, prefetch_factor=prefetch,
@@ -83,14 +90,13 @@ def device_side(ds, dev: torch.device, channels_last: bool, reps: int) -> list[l
 
 
 def main() -> None:
-    cuda = torch.cuda.is_available()
     cores = usable_cores()
     default_workers = sorted({w for w in (1, 2, 4, 8, 16, 32) if w <= cores} | {cores})
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stage", type=int, choices=(1, 2), default=1, help="batches of this stage (default 1: the "
                     "fastest model step, the most demanding for the loader)")
-    ap.add_argument("--config", default="configs/flickr30k_stage{stage}.yaml" if cuda else "configs/demo.yaml",
-                    help="config file; {stage} is replaced by the stage (default %(default)s)")
+    ap.add_argument("--config", default=None, help="config file; {stage} is replaced by the stage (default "
+                    "configs/flickr30k_stage{stage}.yaml on CUDA, configs/demo.yaml on CPU)")
     ap.add_argument("--batch-size", type=int, default=None, help="default: config")
     ap.add_argument("--workers", type=int, nargs="+", default=default_workers, help="default %(default)s")
     ap.add_argument("--prefetch", type=int, nargs="+", default=[2, 8],
@@ -101,7 +107,7 @@ def main() -> None:
     ap.add_argument("--inprocess", type=int, default=8, help="batches timed in-process (default %(default)s)")
     ap.add_argument("--model-rate", default="measure",
                     help="pairs/s the model consumes: a number, 'measure' (default) or 'none'")
-    ap.add_argument("--model-steps", type=int, default=20 if cuda else 3)
+    ap.add_argument("--model-steps", type=int, default=None, help="default 20 on CUDA, 3 on CPU")
     ap.add_argument("--pretrained", default="none")
     ap.add_argument("--data", type=Path, default=None, help="a prepared directory (default: synthetic, cached)")
     ap.add_argument("--train-images", type=int, default=None, help="synthetic training images (default 29783 on "
@@ -112,6 +118,11 @@ def main() -> None:
     args = ap.parse_args()
     if min(args.workers) < 1:
         ap.error("--workers: counts >= 1 (the in-process rate is always measured)")
+    import torch  # after parsing: --help answers at once (docs/cli.md)
+
+    cuda = torch.cuda.is_available()
+    args.config = args.config or ("configs/flickr30k_stage{stage}.yaml" if cuda else "configs/demo.yaml")
+    args.model_steps = args.model_steps or (20 if cuda else 3)
     from engine.config import load_config
     from engine.data import Prepared, TrainBatches, TrainSpec
 

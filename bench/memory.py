@@ -24,11 +24,15 @@ import resource
 import subprocess
 import sys
 import time
+from typing import TYPE_CHECKING
 
 import common  # noqa: F401  (puts the repository root on sys.path)
-import torch
 
 from common import add_output_args, device, report, table
+from prepare.cli import ArgumentParser
+
+if TYPE_CHECKING:
+    import torch
 
 HEADING = "## 5. Memory"
 CONFIGS = {"flickr30k": dict(classes=29783, vocab=20074, bias=True),
@@ -43,6 +47,8 @@ def rss_bytes() -> int:
 
 def child(args: argparse.Namespace) -> dict:
     from engine.encode import autocast
+    import torch
+
     from models import build_model, hardest_negatives, param_groups, total_loss
 
     c = CONFIGS[args.child]
@@ -99,7 +105,7 @@ def child(args: argparse.Namespace) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--configs", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
     ap.add_argument("--batch-size", type=int, default=32, help="even; default %(default)s (the paper's)")
     ap.add_argument("--candidates", type=int, default=256, help="hard-negative candidates (default %(default)s)")

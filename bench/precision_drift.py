@@ -1,4 +1,4 @@
-"""Benchmark: how far bf16 autocast drifts from fp32 in the same short training run (BENCHMARKS.md section 6).
+"""Benchmark: how far bf16 autocast drifts from fp32 in the same short training run (BENCHMARKS.md section 8).
 
 The same Stage I + Stage II run (same seed: same initialisation, batches, crops, shifts and dropout masks) is
 trained twice on the synthetic dataset, once in fp32 and once under bf16 autocast, and a third time in fp32 with
@@ -28,8 +28,9 @@ import common  # noqa: F401  (puts the repository root on sys.path)
 import numpy as np
 
 from common import DEFAULT_CACHE, add_output_args, build_trainer, report, synthetic_prepared, table
+from prepare.cli import ArgumentParser  # noqa: E402  (one-line usage errors)
 
-HEADING = "## 6. Precision: fp32 vs bf16 autocast drift"
+HEADING = "## 8. Precision: fp32 vs bf16 autocast drift"
 CONFIG = "configs/demo.yaml"
 MODEL = {"pretrained": "none", "backbone_bn": "update", "train_crop": 32, "text_width": 0.125, "feature_dim": 128}
 METRICS = [("i2t", "R@1"), ("i2t", "R@5"), ("i2t", "R@10"), ("t2i", "R@1"), ("t2i", "R@5"), ("t2i", "R@10")]
@@ -62,7 +63,7 @@ def train(stage: int, data: Path, run_dir: Path, precision: str, seed: int, epoc
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--train-images", type=int, default=64, help="synthetic training images = classes")
     ap.add_argument("--holdout", type=int, default=50, help="val (and test) images")
     ap.add_argument("--epochs1", type=int, default=5, help="Stage I epochs (batch 32)")

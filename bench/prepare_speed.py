@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 
 from common import add_output_args, report, table, usable_cores
+from prepare.cli import ArgumentParser
 
 HEADING = "## 3. Preparation: image resizing"
 
@@ -77,7 +78,7 @@ def timed_resize(srcs: list[Path], out: Path, size: int, workers: int, draft: bo
 
 def main() -> None:
     cores = usable_cores()
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--medium", type=int, default=None, help="500x375 images (default max(320, 64 x max workers))")
     ap.add_argument("--large", type=int, default=None, help="2000x1500 images (default max(64, 32 x max workers))")
     ap.add_argument("--size", type=int, default=256, help="target shorter side (default %(default)s, the paper's)")

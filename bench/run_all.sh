@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every benchmark, appended to BENCHMARKS.md (sections 1-5), on this machine's device (CUDA when present):
+# Every benchmark, appended to BENCHMARKS.md (sections 1-5, 7), on this machine's device (CUDA when present):
 #   bash bench/run_all.sh              # the real run (a quiet machine, or the GPU host)
 #   bash bench/run_all.sh --no-write   # extra arguments go to every script
 #   SMOKE=1 bash bench/run_all.sh --no-write   # tiny settings: checks that everything runs (a few minutes on CPU)
@@ -32,6 +32,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
   run train bench/train_throughput.py --train-images 128 --steps 2 --warmup 1 "$@"
   run memory bench/memory.py --batch-size 2 --candidates 8 --steps 1 "$@"
   run eval bench/eval_speed.py --images 300 --repeats 1 "$@"
+  run cli bench/cli_speed.py --repeats 1 --skip-embeddings "$@"
 elif [ "$CUDA" = 1 ]; then
   WORKERS=$(( NPROC < 8 ? NPROC : 8 ))
   echo "CUDA: paper configs, $NPROC CPU cores, loader workers 2 (config) and $WORKERS"
@@ -41,6 +42,7 @@ elif [ "$CUDA" = 1 ]; then
   run train-b128 bench/train_throughput.py --batch-size 128 --workers "$WORKERS" "$NPROC" "$@"
   run memory bench/memory.py "$@"
   run eval bench/eval_speed.py "$@"
+  run cli bench/cli_speed.py "$@"
 else
   echo "CPU: demo config ($NPROC cores)"
   run prepare bench/prepare_speed.py "$@"
@@ -48,6 +50,7 @@ else
   run train bench/train_throughput.py --workers 1 2 "$@"
   run memory bench/memory.py "$@"
   run eval bench/eval_speed.py "$@"
+  run cli bench/cli_speed.py "$@"
 fi
 
 echo

@@ -30,12 +30,16 @@ import gc
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import common  # noqa: F401  (puts the repository root on sys.path)
-import torch
-
 from common import (DEFAULT_CACHE, add_output_args, build_trainer, default_image_size, device, model_step_fn,
                     report, synthetic_prepared, table, time_repeated)
+
+from prepare.cli import ArgumentParser  # noqa: E402
+
+if TYPE_CHECKING:
+    import torch
 
 HEADING = "## 1. Training step: real loop vs the model's own step"
 FLICKR30K_CLASSES = 29783
@@ -119,29 +123,34 @@ def mining_alone_s(trainer, reps: int) -> float:
 
 
 def main() -> None:
-    cuda = torch.cuda.is_available()
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stage", type=int, nargs="+", choices=(1, 2), default=[1, 2])
-    ap.add_argument("--steps", type=int, default=100 if cuda else 10, help="measured steps (default %(default)s)")
-    ap.add_argument("--warmup", type=int, default=20 if cuda else 2, help="warm-up steps, >= 1 (default %(default)s)")
+    ap.add_argument("--steps", type=int, default=None, help="measured steps (default 100 on CUDA, 10 on CPU)")
+    ap.add_argument("--warmup", type=int, default=None, help="warm-up steps, >= 1 (default 20 on CUDA, 2 on CPU)")
     ap.add_argument("--repeats", type=int, default=1, help="best of R, (a) and (b) interleaved (default 1)")
     ap.add_argument("--model-steps", type=int, default=None, help="steps of (b) (default: --steps)")
     ap.add_argument("--workers", type=int, nargs="+", default=None, help="DataLoader workers (default: config)")
     ap.add_argument("--batch-size", type=int, nargs="+", default=None, help="global batch (default: config)")
-    ap.add_argument("--config", default="configs/flickr30k_stage{stage}.yaml" if cuda else "configs/demo.yaml",
-                    help="config file; {stage} is replaced by the stage (default %(default)s)")
+    ap.add_argument("--config", default=None, help="config file; {stage} is replaced by the stage (default "
+                    "configs/flickr30k_stage{stage}.yaml on CUDA, configs/demo.yaml on CPU)")
     ap.add_argument("--pretrained", default="none", help="config override (default %(default)s: no weights here)")
     ap.add_argument("--data", type=Path, default=None, help="a prepared directory (default: synthetic, cached)")
     ap.add_argument("--train-images", type=int, default=None,
-                    help=f"synthetic training images = classes (default {FLICKR30K_CLASSES if cuda else 600}, "
+                    help=f"synthetic training images = classes (default {FLICKR30K_CLASSES} on CUDA, 600 on CPU, "
                          "raised to (warmup + steps) x batch when needed)")
     ap.add_argument("--image-size", type=int, default=None, help="synthetic prepared size (default 256 for 224, 72 for 64 "
                     "crops, 144 for 128 crops)")
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="synthetic data cache (default %(default)s)")
     add_output_args(ap)
     args = ap.parse_args()
-    if args.warmup < 1 or args.steps < 1:
+    if (args.warmup is not None and args.warmup < 1) or (args.steps is not None and args.steps < 1):
         ap.error("--warmup and --steps must be >= 1")
+    import torch  # after parsing: --help answers at once (docs/cli.md)
+
+    cuda = torch.cuda.is_available()
+    args.steps = args.steps or (100 if cuda else 10)
+    args.warmup = args.warmup or (20 if cuda else 2)
+    args.config = args.config or ("configs/flickr30k_stage{stage}.yaml" if cuda else "configs/demo.yaml")
     from engine.config import load_config
 
     stages = sorted(set(args.stage))

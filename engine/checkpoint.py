@@ -17,7 +17,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from prepare.cli import UserError
+
 LAST, BEST = "checkpoint_last.pt", "checkpoint_best.pt"
+
+
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint file that cannot be read (the message names it)."""
 
 
 def rng_state() -> dict[str, Any]:
@@ -74,4 +80,4 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - re-raised with the file name
-        raise RuntimeError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
+        raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from e

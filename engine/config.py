@@ -14,8 +14,6 @@ from typing import Any
 
 import yaml
 
-from models.param_groups import check_lr_mults
-
 CHOICES: dict[str, tuple] = {
     "arch": ("resnet18", "resnet50", "resnet152", "vgg16", "vgg19"),
     "text_depth": ("res50", "res152"),
@@ -183,6 +181,8 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
     checked = {k: _check(k, v, where) for k, v in values.items()}
     checked.update({k: _check(k, v, "command line") for k, v in (overrides or {}).items()})
     cfg = Config(**checked)
+    from models.param_groups import check_lr_mults  # here: CLIs import this module before torch
+
     try:
         check_lr_mults(cfg.lr_mults, cfg.stage)
     except ValueError as e:

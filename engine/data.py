@@ -21,11 +21,13 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from prepare.cli import UserError
+
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
 
 
-class PreparedDataError(RuntimeError):
+class PreparedDataError(UserError, RuntimeError):
     pass
 
 
@@ -144,10 +146,11 @@ class TrainBatches(Dataset):
         self.lengths = caps["length"].to_numpy()
         n_batches = len(self.train_rows) // spec.batch_size  # an incomplete last batch is dropped
         if n_batches == 0:
-            raise ValueError(f"{len(self.train_rows)} training images < one batch of {spec.batch_size}")
+            raise ValueError(f"{data.root}: {len(self.train_rows)} training images < one batch of {spec.batch_size} "
+                             f"(lower batch_size)")
         self.n_batches = n_batches
         if spec.stage == 2 and spec.negatives == "hard" and len(self.train_rows) <= spec.batch_size:
-            raise ValueError(f"hard negatives come from training images outside the batch: {len(self.train_rows)} "
+            raise ValueError(f"{data.root}: hard negatives come from training images outside the batch: {len(self.train_rows)} "
                              f"training images leave none outside a batch of {spec.batch_size}")
 
     def set_epoch(self, epoch: int) -> None:

@@ -7,6 +7,7 @@ its previous mode is restored afterwards (the vsepp "stuck in eval mode" defect 
 """
 from __future__ import annotations
 
+import sys
 from contextlib import nullcontext
 
 import numpy as np
@@ -37,14 +38,28 @@ def autocast(device: torch.device, precision: str):
     return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
 
 
+def _bar(items, show: bool, what: str, total: int, count):
+    """``items`` unchanged, or wrapped in a tqdm bar that advances by ``count(item)`` (images / captions)."""
+    if not show:
+        yield from items
+        return
+    from tqdm import tqdm
+    with tqdm(total=total, desc=f"encoding {what}", unit=" items", file=sys.stderr) as bar:
+        for item in items:
+            yield item
+            bar.update(count(item))
+
+
 @torch.no_grad()
 def encode_split(model: DualPath, data: Prepared, split: str, device: torch.device, *, batch_size: int = 64,
                  precision: str = "auto", channels_last: bool = False, first_k: int | None = None,
-                 workers: int = 0, max_images: int | None = None) -> dict[str, np.ndarray]:
+                 workers: int = 0, max_images: int | None = None, progress: bool = False
+                 ) -> dict[str, np.ndarray]:
     """Returns ``images`` (N, D), ``texts`` (M, D) float32, ``image_labels`` (N,), ``text_labels`` (M,),
     ``image_rows`` / ``caption_rows`` (rows of the prepared tables). Labels follow the ``person`` column: a text
     matches an image when they are equal. ``first_k`` keeps only each image's first k captions (COCO's usual 5);
-    ``max_images`` encodes only the first images of the split (quick validation)."""
+    ``max_images`` encodes only the first images of the split (quick validation); ``progress`` shows tqdm bars
+    (on stderr) for the images and the captions."""
     was_training = model.training
     model.eval()
     allow_tf32(device, precision)
@@ -55,13 +70,15 @@ def encode_split(model: DualPath, data: Prepared, split: str, device: torch.devi
         img_feats = np.zeros((len(rows), model.text.fc.out_features), dtype=np.float32)
         loader = DataLoader(TestImages(data, rows, batch_size), batch_size=None, num_workers=workers,
                             generator=torch.Generator())
+        loader = _bar(loader, progress, f"{split} images", len(rows), lambda b: len(b[1]))  # (n images, positions)
         for imgs, pos in loader:
             x = model.image.normalize(imgs.to(device, non_blocking=True), channels_last)
             with autocast(device, precision):
                 img_feats[pos.numpy()] = model.image.test_feature(x).float().cpu().numpy()  # (n, 2048)
         caps = data.split_captions(split, first_k)
         caps = caps[np.isin(data.captions["image"].to_numpy()[caps], rows)]
-        txt_feats = encode_captions(model, data, caps, device, batch_size=batch_size * 4, precision=precision)
+        txt_feats = encode_captions(model, data, caps, device, batch_size=batch_size * 4, precision=precision,
+                                    progress=progress)
         person = data.images["person"].to_numpy()
         return {"images": img_feats, "texts": txt_feats, "image_labels": person[rows],
                 "text_labels": data.captions["person"].to_numpy()[caps], "image_rows": rows, "caption_rows": caps}
@@ -71,14 +88,15 @@ def encode_split(model: DualPath, data: Prepared, split: str, device: torch.devi
 
 @torch.no_grad()
 def encode_captions(model: DualPath, data: Prepared, rows: np.ndarray, device: torch.device, *,
-                    batch_size: int = 256, precision: str = "auto") -> np.ndarray:
+                    batch_size: int = 256, precision: str = "auto", progress: bool = False) -> np.ndarray:
     """Spec 8.1 text features (sum over all position shifts) of caption ``rows``, in eval mode. -> (M, D)."""
     was_training = model.training
     model.eval()
     try:
         lengths_all = data.captions["length"].to_numpy()
         feats = np.zeros((len(rows), model.text.fc.out_features), dtype=np.float32)
-        for start in range(0, len(rows), batch_size):
+        starts = range(0, len(rows), batch_size)
+        for start in _bar(starts, progress, "captions", len(rows), lambda s: len(rows[s:s + batch_size])):
             idx = rows[start:start + batch_size]
             tokens = torch.from_numpy(np.asarray(data.tokens[idx], dtype=np.int64)).to(device)  # (b, L)
             lengths = torch.from_numpy(lengths_all[idx].astype(np.int64)).to(device)  # (b,)

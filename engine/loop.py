@@ -22,6 +22,7 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
+from prepare.cli import UserError
 from models import DualPath, build_model, hardest_negatives, param_groups, top1_accuracy, total_loss
 from models.image_cnn import weights_style
 
@@ -41,7 +42,7 @@ RUNTIME_KEYS = {"workers", "prefetch_factor", "log_every", "eval_batch_size", "c
                 "val_every"}  # may change on resume; everything else is the recipe
 
 
-class NonFiniteLoss(RuntimeError):
+class NonFiniteLoss(UserError, RuntimeError):
     pass
 
 
@@ -127,7 +128,12 @@ class Trainer:
         init_state = ckpt.load(init) if init else None
         if cfg.stage == 2 and init_state is None:
             raise ValueError("Stage II needs --init STAGE1_CHECKPOINT")
-        self.module, self.pretrained_source = make_model(cfg, self.data, init_state)
+        try:
+            self.module, self.pretrained_source = make_model(cfg, self.data, init_state)
+        except (ValueError, RuntimeError) as e:  # the Stage I checkpoint does not fit this recipe (or is not one)
+            if init_state is None:
+                raise
+            raise ValueError(f"--init {init}: {e}") from None
         self.module.to(self.device)
         if self.channels_last:
             self.module.image.to(memory_format=torch.channels_last)
@@ -159,7 +165,8 @@ class Trainer:
                 "rng": ckpt.rng_state(), "epoch": self.epoch, "batch": self.batch, "step": self.step,
                 "best": self.best, "history": self.history, "config": self.cfg.to_dict(), "stage": self.cfg.stage,
                 "pretrained_source": self.pretrained_source, "complete": complete,
-                "data": {k: self.data.manifest.get(k) for k in ("dataset", "num_classes", "vocab_size", "max_len")}}
+                "data": {k: self.data.manifest.get(k) for k in ("dataset", "num_classes", "vocab_size", "max_len",
+                                                                     "dictionary_sha256")}}
 
     def save(self, name: str = ckpt.LAST, complete: bool = False) -> None:
         if is_main():

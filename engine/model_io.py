@@ -39,12 +39,18 @@ def load_model(checkpoint_path: str | Path, data: Prepared | str | Path,
     trained_on = state.get("data") or {}
     diff = {k: (trained_on[k], data.manifest.get(k)) for k in CHECKED_KEYS
             if trained_on.get(k) is not None and trained_on[k] != data.manifest.get(k)}
+    ours, theirs = trained_on.get("dictionary_sha256"), data.manifest.get("dictionary_sha256")
+    if ours is not None and theirs is not None and ours != theirs:  # older files without the hash: vocab only
+        diff["dictionary_sha256"] = (ours, theirs)
     if diff:
         raise CheckpointMismatch(
             f"{path} was trained on prepared data {trained_on.get('dataset')!r} that differs from {data.root} "
-            f"(dataset {data.manifest.get('dataset')!r}) in {', '.join(f'{k} {a} vs {b}' for k, (a, b) in diff.items())}"
+            f"(dataset {data.manifest.get('dataset')!r}) in {', '.join(f'{k} {a} vs {b}' for k, (a, b) in diff.items())} (checkpoint vs prepared)"
             f"; pass the prepared directory the model was trained on (its dictionary defines the word indices)")
     state.setdefault("pretrained_source", "checkpoint")
-    model, _ = make_model(config_from_dict(state["config"]), data, init=state)
+    try:
+        model, _ = make_model(config_from_dict(state["config"]), data, init=state)
+    except RuntimeError as e:  # load_state_dict: missing keys or other shapes than its own config builds
+        raise CheckpointMismatch(f"{path}: its weights do not fit the network its config describes: {e}") from None
     model.to(torch.device(device)).eval()
     return model, state

@@ -22,41 +22,32 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import models  # noqa: F401  (first: installs the torchvision guard)
-import torch
+from prepare.cli import ArgumentParser, UserError, run_guarded
 
-from .checkpoint import write_json_atomic
-from .data import Prepared, PreparedDataError
-from .search_index import (  # noqa: F401  (re-exported: the Python API of engine.search)
-    IMAGE_SUFFIXES,
-    CACHE_VERSION,
-    SearchError,
-    QueryError,
-    top_k,
-    model_fingerprint,
-    checkpoint_key,
-    default_image_cache,
-    default_caption_cache,
-    list_images,
-    load_image,
-    encode_images,
-    encode_folder,
-    Vocabulary,
-    vocabulary,
-    QueryTokens,
-    tokenize_query,
-    encode_query,
-    search_text,
-    encode_captions,
-    rank_captions,
-    search_image,
-)
+if TYPE_CHECKING:
+    import torch
+
+# The Python API of engine.search, re-exported from engine.search_index on first use (PEP 562), so that the command
+# line parses its arguments before torch, torchvision and the models are imported (docs/cli.md).
+API = ("IMAGE_SUFFIXES", "CACHE_VERSION", "SearchError", "QueryError", "top_k", "model_fingerprint", "checkpoint_key",
+       "default_image_cache", "default_caption_cache", "list_images", "load_image", "encode_images", "encode_folder",
+       "Vocabulary", "vocabulary", "QueryTokens", "tokenize_query", "encode_query", "search_text", "encode_captions",
+       "rank_captions", "search_image")
+__all__ = ["build_parser", "check_args", "main", "run", *API]
+
+
+def __getattr__(name: str) -> Any:
+    if name in API:
+        from . import search_index
+        return getattr(search_index, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 # ------------------------------------------------------------------------------------------------ command line
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="python -m engine.search",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Search with your own query using a trained dual-path model:\n"
@@ -105,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _resolve_device(name: str) -> torch.device:
+    import torch
+
+    from .search_index import SearchError
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -116,35 +110,43 @@ def _resolve_device(name: str) -> torch.device:
     return dev
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    """Everything after parsing; raises SearchError (or a data/checkpoint error) on bad input."""
-    from .model_io import load_model
-
+def check_args(args: argparse.Namespace) -> None:
+    """The checks that need no model (nor torch): a mistake here costs no import time. Raises UserError."""
     if not args.query and not args.image:
-        raise SearchError("nothing to search: give --query TEXT (with --images FOLDER) and/or --image PATH")
+        raise UserError("nothing to search: give --query TEXT (with --images FOLDER) and/or --image PATH")
     if args.query and args.images is None:
-        raise SearchError("--query needs --images FOLDER (the images to search)")
+        raise UserError("--query needs --images FOLDER (the images to search)")
     if args.images is not None and not args.query:
-        raise SearchError("--images FOLDER is searched with --query TEXT; none was given")
+        raise UserError("--images FOLDER is searched with --query TEXT; none was given")
     if args.top_k < 1:
-        raise SearchError(f"--top-k {args.top_k}: expected a positive number of results")
+        raise UserError(f"--top-k {args.top_k}: expected a positive number of results")
     if not args.checkpoint.is_file():
-        raise SearchError(f"--checkpoint {args.checkpoint}: checkpoint not found (expected a .pt file written by "
-                          f"train_stage1.py / train_stage2.py, e.g. RUN_DIR/checkpoint_best.pt)")
+        raise UserError(f"--checkpoint {args.checkpoint}: checkpoint not found (expected a .pt file written by "
+                        f"train_stage1.py / train_stage2.py, e.g. RUN_DIR/checkpoint_best.pt)")
     if not (args.data / "manifest.json").is_file():
-        raise SearchError(f"--data {args.data}: not a prepared directory (no manifest.json; run "
-                          f"python -m prepare.<dataset> first)")
+        raise UserError(f"--data {args.data}: not a prepared directory (no manifest.json; run "
+                        f"python -m prepare.<dataset> first)")
     for img in args.image:
         if not img.is_file():
-            raise SearchError(f"--image {img}: no such file (expected a .jpg/.jpeg/.png image)")
+            raise UserError(f"--image {img}: no such file (expected a .jpg/.jpeg/.png image)")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Everything after parsing; raises UserError (SearchError, a data or checkpoint error) on bad input."""
+    check_args(args)
+    import models  # noqa: F401  (first: installs the torchvision guard)
+
+    from .checkpoint import write_json_atomic
+    from .data import Prepared
+    from .model_io import load_model
+    from .search_index import (checkpoint_key, default_caption_cache, default_image_cache, encode_captions,
+                               encode_folder, list_images, rank_captions, search_text, tokenize_query, vocabulary)
+
     paths = list_images(args.images) if args.images is not None else []
     data = Prepared(args.data)
     queries = [tokenize_query(data, q) for q in args.query]  # fail fast, before loading anything big
     device = _resolve_device(args.device)
-    try:
-        model, _ = load_model(args.checkpoint, data, device)
-    except RuntimeError as e:  # unreadable file, or weights that do not fit the rebuilt network
-        raise SearchError(f"--checkpoint {args.checkpoint}: {e}") from None
+    model, _ = load_model(args.checkpoint, data, device)  # CheckpointError / CheckpointMismatch name the file
     ckey = checkpoint_key(args.checkpoint)
     vocab = vocabulary(data)
     result: dict[str, Any] = {"checkpoint": str(args.checkpoint), "data": str(args.data), "top_k": args.top_k,
@@ -187,15 +189,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def body() -> None:
         run(args)
-    except (SearchError, PreparedDataError, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    return 0
+
+    return run_guarded(body)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ import models  # noqa: F401  (first: installs the torchvision guard)
 import numpy as np
 import torch
 
+from prepare.cli import UserError
 from prepare.core import COCO_DELIMITERS, DELIMITERS, PrepareError, index_captions, tokenize
 from prepare.images import RESIZE_MODES, load_resized
 
@@ -33,7 +34,7 @@ CACHE_VERSION = 1
 _WHITESPACE_NOTE = " (and whitespace)"
 
 
-class SearchError(Exception):
+class SearchError(UserError):
     """A user error: the message names what was given and what was expected (the CLI exits with code 2)."""
 
 

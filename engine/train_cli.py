@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 import argparse
-import sys
+
+from prepare.cli import ArgumentParser, run_guarded
 
 from .config import ConfigError, load_config, parse_overrides
 
@@ -15,7 +16,7 @@ STAGE_TEXT = {
 
 
 def parse(stage: int, argv: list[str] | None) -> tuple[argparse.Namespace, dict]:
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog=f"train_stage{stage}.py", description=STAGE_TEXT[stage],
         epilog="Any config key can be overridden as --key value (e.g. --lr_schedule '[[2, 1.0]]' --workers 4); "
                "unknown keys are rejected with the list of valid ones.")
@@ -37,18 +38,18 @@ def parse(stage: int, argv: list[str] | None) -> tuple[argparse.Namespace, dict]
 
 def main(stage: int, argv: list[str] | None = None) -> int:
     args, overrides = parse(stage, argv)
-    from .loop import NonFiniteLoss, Trainer  # heavy imports after argument parsing (fast --help)
-    try:
-        cfg = load_config(args.config, overrides, stage=stage)
+
+    def body() -> None:
+        cfg = load_config(args.config, overrides, stage=stage)  # a bad recipe fails before the trainer loads
+        import models  # noqa: F401  (heavy imports after parsing; models/ installs the torchvision guard first)
+
+        from .loop import Trainer
         resume = None if args.resume == "none" else args.resume
-        trainer = Trainer(cfg, args.data, args.out, init=getattr(args, "init", None), resume=resume)
-        summary = trainer.fit()
-    except (ConfigError, NonFiniteLoss, FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if summary.get("stopped"):
-        print(f"stopped by signal at epoch {summary['epoch']} batch {summary['batch']}; checkpoint written")
-    else:
-        print(f"done: {summary['steps']} steps; best val rsum {summary['best']['rsum']} at epoch "
-              f"{summary['best']['epoch']}")
-    return 0
+        summary = Trainer(cfg, args.data, args.out, init=getattr(args, "init", None), resume=resume).fit()
+        if summary.get("stopped"):
+            print(f"stopped by signal at epoch {summary['epoch']} batch {summary['batch']}; checkpoint written")
+        else:
+            print(f"done: {summary['steps']} steps; best val rsum {summary['best']['rsum']} at epoch "
+                  f"{summary['best']['epoch']}")
+
+    return run_guarded(body)

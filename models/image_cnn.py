@@ -84,29 +84,36 @@ def sidecar_path(path: str | Path) -> Path:
     return Path(str(path) + ".json")
 
 
-def weights_style(pretrained: str) -> str:
-    """The backbone style a ``--pretrained`` value needs: "caffe" for a file whose sidecar says so (written by
-    ``python -m prepare.matconvnet backbone``), else "torchvision" (torchvision's own weights, or a state dict
-    without a caffe sidecar). A sidecar that is not JSON is an error naming it."""
-    if pretrained in ("none", "imagenet"):
-        return "torchvision"
+def read_sidecar(pretrained: str) -> dict:
+    """The sidecar ``FILE.json`` of a ``--pretrained`` file as a dict ({} when there is none). A sidecar that is not
+    a JSON object, or names an unknown style, is an error naming it."""
+    if pretrained in ("none", "imagenet") or not sidecar_path(pretrained).is_file():
+        return {}
     side = sidecar_path(pretrained)
-    if not side.is_file():
-        return "torchvision"
     try:
         meta = json.loads(side.read_text())
     except (ValueError, UnicodeDecodeError) as e:
         raise ValueError(f"{side}: not a JSON sidecar ({e})") from None
-    style = meta.get("style", "torchvision") if isinstance(meta, dict) else "torchvision"
-    if style not in STYLES:
-        raise ValueError(f"{side}: style {style!r}; expected one of {list(STYLES)}")
-    return style
+    if not isinstance(meta, dict):
+        raise ValueError(f"{side}: expected a JSON object, got {type(meta).__name__}")
+    if meta.get("style", "torchvision") not in STYLES:
+        raise ValueError(f"{side}: style {meta['style']!r}; expected one of {list(STYLES)}")
+    return meta
 
 
-def load_pretrained_state(arch: str, pretrained: str, style: str = "torchvision") -> tuple[dict | None, str]:
+def weights_style(pretrained: str) -> str:
+    """The backbone style a ``--pretrained`` value needs: "caffe" for a file whose sidecar says so (written by
+    ``python -m prepare.matconvnet backbone``), else "torchvision" (torchvision's own weights, or a state dict
+    without a caffe sidecar)."""
+    return read_sidecar(pretrained).get("style", "torchvision")
+
+
+def load_pretrained_state(arch: str, pretrained: str, style: str = "torchvision", bn_eps: float = 1e-5,
+                          backbone_width: float = 1.0) -> tuple[dict | None, str]:
     """Resolve ``pretrained`` to (state dict or None, description recorded in checkpoints and results).
     A file of the other backbone style than ``style`` is refused (weights of one style in the other's structure
-    would load without a shape error and compute something else)."""
+    would load without a shape error and compute something else), and so is a caffe file whose sidecar records
+    another architecture, BN epsilon or width than the run's (the same silent kind of difference)."""
     if arch not in ARCHS:
         raise ValueError(f"unknown image backbone {arch!r}; choose one of {sorted(ARCHS)}")
     if style not in STYLES:
@@ -129,11 +136,20 @@ def load_pretrained_state(arch: str, pretrained: str, style: str = "torchvision"
         if not path.is_file():
             raise PretrainedWeightsMissing(f"--pretrained {pretrained}: no such file (expected a torchvision "
                                            f"{arch} state dict, or 'imagenet' or 'none')")
-        found = weights_style(pretrained)
+        meta = read_sidecar(pretrained)
+        found = meta.get("style", "torchvision")
         if found != style:
             raise ValueError(f"--pretrained {path} holds {found}-style weights (sidecar {sidecar_path(path)}"
                              f"{'' if found == 'caffe' else ' absent or without style caffe'}) but the backbone style "
                              f"is {style}: set backbone_style {found} (or auto); the two are never mixed")
+        mismatch = {key: (meta[key], ours) for key, ours in (("arch", arch), ("bn_eps", bn_eps),
+                                                              ("backbone_width", backbone_width))
+                    if found == "caffe" and key in meta and meta[key] != ours}
+        if mismatch:
+            raise ValueError(f"--pretrained {path}: its sidecar {sidecar_path(path)} records "
+                             + ", ".join(f"{k} {a!r}" for k, (a, _) in mismatch.items()) + " but this run has "
+                             + ", ".join(f"{k} {b!r}" for k, (_, b) in mismatch.items())
+                             + " (set arch / backbone_bn_eps / backbone_width to the file's values)")
     state = torch.load(path, map_location="cpu", weights_only=True)
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
@@ -169,7 +185,7 @@ class ImageCNN(nn.Module):
         ``pixel_mean``: the caffe style's RGB mean (0-255), required there (a checkpoint's state dict then
         replaces it); the torchvision style always uses ImageNet's mean/std and refuses another."""
         super().__init__()
-        state, self.pretrained_source = load_pretrained_state(arch, pretrained, style)
+        state, self.pretrained_source = load_pretrained_state(arch, pretrained, style, bn_eps, backbone_width)
         ctor, _, channels = ARCHS[arch]
         caffe_resnet = style == "caffe" and not arch.startswith("vgg")
         if backbone_width != 1.0 and not caffe_resnet:

@@ -3,7 +3,10 @@
 One module per dataset (``python -m prepare.flickr30k``, ``prepare.flickr8k``, ``prepare.coco``,
 ``prepare.cuhk_pedes``) plus ``prepare.synthetic`` (writes a small *raw* dataset in the Flickr30k formats).
 They share ``prepare.core`` (tokenise, dictionary, index, atomic cache writer, manifest), ``prepare.word2vec``
-and ``prepare.images``. This package never imports the models.
+and ``prepare.images``; ``--dictionary FILE`` indexes with a given dictionary instead (``prepare.dictionary``: the
+authors' ``make_dictionary.m`` .mat or a word list). ``prepare.matconvnet`` converts the original MatConvNet networks
+(reading .mat files with ``prepare.matconvnet_io``, checking and mapping them by name in ``prepare.matconvnet_net``).
+This package never imports the models.
 
 The prepared directory (format version 1)::
 
@@ -11,7 +14,9 @@ The prepared directory (format version 1)::
                        "match": "image" | "person", "image_resize": {"mode": "short_side" | "square", "size": 256},
                        "splits": {"train": {"images", "captions"}, "val": {...}, "test": {...}},
                        "warnings": {name: {"count": n, "examples": [...]}}, "args": {...},
-                       "inputs": {role: {"path", "sha256", "bytes"}}, "created": ISO time}
+                       "inputs": {role: {"path", "sha256", "bytes"}}, "created": ISO time,
+                       "dictionary_sha256": sha256 of dictionary.txt's bytes (checkpoints record it; evaluation
+                       refuses a mismatch), "dictionary_source": "train captions only" or the --dictionary file}
     images.parquet    one row per image, in a fixed order (train first, then val, then test; within a split the
                       dataset's own order, e.g. sorted file names for Flickr30k):
                         file (str, path under images/), source (str, raw path relative to the image root),

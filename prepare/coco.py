@@ -21,6 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
+from prepare.cli import ArgumentParser
 from prepare.core import (COCO_DELIMITERS, PrepareError, RawImage, Warnings, add_common_args, check_dir,
                           load_json, read_karpathy_json, require, run_cli, write_prepared)
 
@@ -160,8 +161,8 @@ def prepare(args: argparse.Namespace) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line (every flag explained by --help)."""
-    p = argparse.ArgumentParser(prog="python -m prepare.coco", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m prepare.coco", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", required=True, type=Path, metavar="ROOT",
                    help="folder holding train2014/ val2014/ and/or train2017/ val2017/")
     g = p.add_mutually_exclusive_group(required=True)

@@ -26,6 +26,8 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
+from prepare.cli import UserError, run_guarded
+
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
 DELIMITERS = "-.,()"  # spec 2.1, plus any whitespace; consecutive delimiters collapse
@@ -38,7 +40,7 @@ EXPECTED_DICTIONARY = {"flickr30k": 20074, "coco": 29972, "cuhk_pedes": 7263}  #
 GOOGLENEWS_WORDS = 3_000_000
 
 
-class PrepareError(Exception):
+class PrepareError(UserError):
     """Unusable input or options. The message names the file (and line or key) and what was expected."""
 
 
@@ -108,7 +110,7 @@ def dictionary_tokens(dataset: str, rule: str, captions: Sequence[tuple[str, str
                 "train + val captions split on whitespace (the original make_dictionary.m)")
     train = [t for (split, _), t in zip(captions, token_lists) if split == "train"]
     same = " (= the original code's rule for this dataset)" if dataset not in WHITESPACE_DICTIONARY else ""
-    return train, "train captions only, indexing delimiters" + same
+    return train, "train captions only" + same
 
 
 def dictionary_size_warning(dataset: str, rule: str, size: int, word2vec_info: dict) -> str | None:
@@ -344,22 +346,34 @@ def write_prepared(dataset: str, images: Sequence[RawImage], args: argparse.Name
     is_train = np.array([images[i].split == "train" for i, _, _ in rows], dtype=bool)
     train_tokens = [t for t, tr in zip(token_lists, is_train) if tr]
     rule = getattr(args, "dictionary_rule", "train")
-    dict_tokens, dict_from = dictionary_tokens(dataset, rule, [(images[i].split, raw) for i, _, raw in rows],
-                                               token_lists)
-    if rule == "original" and word2vec.is_trained(args):
-        raise PrepareError("--dictionary-rule original needs a word2vec file (GoogleNews), not --word2vec train")
-    vectors = word2vec.vectors_from_args(args, dict_tokens)
-    if not word2vec.is_trained(args):
-        inputs = {**inputs, "word2vec": Path(args.word2vec)}
-    dictionary = build_dictionary(dict_tokens, vectors.words)
-    size_warning = dictionary_size_warning(dataset, rule, len(dictionary), vectors.info)
-    if size_warning:
-        warnings.add("dictionary_size", size_warning)
-    if not dictionary:
-        raise PrepareError(f"no token of the training captions is a key of {args.word2vec} "
-                           f"(keys are case-sensitive; wrong file?)")
-    row_of = {w: i for i, w in enumerate(vectors.words)}
-    matrix = np.ascontiguousarray(vectors.vectors[[row_of[w] for w in dictionary]], dtype=np.float32)
+    if getattr(args, "dictionary", None) is not None:  # a given dictionary (e.g. the authors'): no dictionary built
+        from prepare.dictionary import given_dictionary_from_args
+        if rule != "train":
+            raise PrepareError(f"--dictionary-rule {rule} builds a dictionary; --dictionary gives one: use one of them")
+        rule = "given"
+        dictionary, matrix, vectors_info, dictionary_source = given_dictionary_from_args(args)
+        if vectors_info.get("source") == "file":  # a word list: the vectors came from --word2vec
+            inputs = {**inputs, "word2vec": Path(args.word2vec)}
+    else:
+        if args.word2vec is None:
+            raise PrepareError("--word2vec FILE|train is required (unless --dictionary gives the words and vectors)")
+        captions = [(images[i].split, raw) for i, _, raw in rows]
+        dict_tokens, dictionary_source = dictionary_tokens(dataset, rule, captions, token_lists)
+        if rule == "original" and word2vec.is_trained(args):
+            raise PrepareError("--dictionary-rule original needs a word2vec file (GoogleNews), not --word2vec train")
+        vectors = word2vec.vectors_from_args(args, dict_tokens)
+        if not word2vec.is_trained(args):
+            inputs = {**inputs, "word2vec": Path(args.word2vec)}
+        dictionary = build_dictionary(dict_tokens, vectors.words)
+        if not dictionary:
+            raise PrepareError(f"no token of the training captions is a key of {args.word2vec} "
+                               f"(keys are case-sensitive; wrong file?)")
+        size_warning = dictionary_size_warning(dataset, rule, len(dictionary), vectors.info)
+        if size_warning:
+            warnings.add("dictionary_size", size_warning)
+        row_of = {w: i for i, w in enumerate(vectors.words)}
+        matrix = np.ascontiguousarray(vectors.vectors[[row_of[w] for w in dictionary]], dtype=np.float32)
+        vectors_info = vectors.info
     tokens, lengths, full = index_captions(token_lists, dictionary, args.max_len)
     for r in np.flatnonzero(lengths == 0):
         i, k, raw = rows[r]
@@ -390,9 +404,12 @@ def write_prepared(dataset: str, images: Sequence[RawImage], args: argparse.Name
         "splits": splits, "warnings": {}, "args": {k: _json_safe(v) for k, v in sorted(vars(args).items())},
         "inputs": {role: file_record(p) for role, p in inputs.items()},
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "image_dir": "images", "word2vec": vectors.info,
+        "image_dir": "images", "word2vec": vectors_info,
+        "dictionary_source": dictionary_source,
+        "dictionary_sha256": hashlib.sha256("".join(w + "\n" for w in dictionary).encode("utf-8")).hexdigest(),
         "text": {"delimiters": delimiters + " (and whitespace)", "delimiter_chars": delimiters, "case_sensitive": True,
-                 "dictionary_rule": rule, "dictionary_from": dict_from,
+                 "dictionary_rule": rule,
+                 "dictionary_from": dictionary_source if isinstance(dictionary_source, str) else "given (--dictionary)",
                  "train_token_types": len({t for x in train_tokens for t in x}),
                  "train_tokens": train_occ,
                  "train_tokens_in_dictionary": int(sum(t in dict_set for x in train_tokens for t in x))},
@@ -441,6 +458,11 @@ def add_common_args(parser: argparse.ArgumentParser, *, max_len: int) -> None:
                         help="an image named by the split that is missing on disk or has no captions is skipped "
                              "and counted (warnings split_image_missing / split_image_no_captions) instead of "
                              "being an error")
+    parser.add_argument("--dictionary", type=Path, default=None, metavar="FILE",
+                        help="index the captions with this dictionary instead of building one: the authors' "
+                             "make_dictionary.m output (flickr30k_dictionary.mat, COCO_dictionary.mat, "
+                             "CUHK-PEDES_dictionary.mat: words and vectors), or a one-word-per-line text file "
+                             "(vectors from --word2vec); needed to evaluate the released MatConvNet models")
     word2vec.add_arguments(parser)
 
 
@@ -458,15 +480,13 @@ def summary(manifest: dict[str, Any], out: Path) -> str:
 
 def run_cli(prepare_fn: Callable[[argparse.Namespace], dict], parser: argparse.ArgumentParser,
             argv: Sequence[str] | None = None) -> int:
-    """Parse argv, run ``prepare_fn(args)``; errors print ``error: ...`` on stderr and return 2."""
+    """Parse argv, run ``prepare_fn(args)``; errors print one ``error: ...`` line on stderr and return 2
+    (the convention of prepare/cli.py)."""
     args = parser.parse_args(argv)
-    try:
-        manifest = prepare_fn(args)
-    except PrepareError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"interrupted: nothing was written to {args.out}", file=sys.stderr)
-        return 130
-    print(summary(manifest, args.out))
-    return 0
+
+    def body() -> None:
+        print(summary(prepare_fn(args), args.out))
+
+    # PrepareError names the input file and line; OSError its path. A ValueError here would be a bug: traceback.
+    return run_guarded(body, errors=(UserError, OSError),
+                       interrupted=f"interrupted: nothing was written to {args.out}")

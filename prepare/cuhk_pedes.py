@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from prepare.cli import ArgumentParser
 from prepare.core import (SPLITS, PrepareError, RawImage, Warnings, add_common_args, check_dir, check_file,
                           load_json, require, run_cli, write_prepared)
 
@@ -62,8 +63,8 @@ def prepare(args: argparse.Namespace) -> dict:
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line (every flag explained by --help)."""
-    p = argparse.ArgumentParser(prog="python -m prepare.cuhk_pedes", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="python -m prepare.cuhk_pedes", description=__doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--root", required=True, type=Path, metavar="DIR", help="CUHK-PEDES folder (reid_raw.json, imgs/)")
     p.add_argument("--json-name", default="reid_raw.json", metavar="NAME",
                    help="annotation file name inside DIR (default reid_raw.json)")

@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
+from prepare.cli import ArgumentParser
 from prepare.core import (PrepareError, RawImage, Warnings, add_common_args, check_dir, check_file,
                           read_karpathy_json, read_lines, run_cli, write_prepared)
 
@@ -150,8 +151,8 @@ def prepare(args: argparse.Namespace, dataset: str = "flickr30k") -> dict:
 def build_parser(dataset: str = "flickr30k", split_lists: bool = False,
                  description: str | None = None) -> argparse.ArgumentParser:
     """The command line of prepare.flickr30k (and, with split_lists=True, of prepare.flickr8k)."""
-    p = argparse.ArgumentParser(prog=f"python -m prepare.{dataset}", description=description or __doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog=f"python -m prepare.{dataset}", description=description or __doc__,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", required=True, type=Path, metavar="DIR",
                    help="folder holding the .jpg files (flickr30k-images/ or Flicker8k_Dataset/)")
     p.add_argument("--captions", required=True, type=Path, metavar="FILE",

@@ -48,6 +48,8 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from prepare.cli import ArgumentParser, run_guarded
+
 TOKEN_FILE = "results_20130124.token"
 SPLIT_FILE = "dataset_flickr30k.json"
 W2V_FILE = "word2vec.bin"
@@ -365,9 +367,9 @@ def make_synthetic(out_dir: str | Path, images: int = 600, seed: int = 0, val: i
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m prepare.synthetic", description=__doc__.split("\n\n")[0],
-                                epilog="Writes images/, results_20130124.token, dataset_flickr30k.json, word2vec.bin, "
-                                "scenes.json and README.txt; feed them to python -m prepare.flickr30k.")
+    p = ArgumentParser(prog="python -m prepare.synthetic", description=__doc__.split("\n\n")[0],
+                       epilog="Writes images/, results_20130124.token, dataset_flickr30k.json, word2vec.bin, "
+                       "scenes.json and README.txt; feed them to python -m prepare.flickr30k.")
     p.add_argument("--out", required=True, help="output directory (created; must be absent or empty)")
     p.add_argument("--images", type=int, default=600, help="number of images (= scenes), each with 5 captions "
                    "(default: 600)")
@@ -387,16 +389,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                    "captions fit several scenes)")
     a = p.parse_args(argv)
     t0 = time.time()
-    try:
+
+    def body() -> None:
         info = make_synthetic(a.out, images=a.images, seed=a.seed, val=a.val, test=a.test, overwrite=a.overwrite,
                               colours=a.colours, shapes=a.shapes, full_captions=a.full_captions)
-    except (ValueError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    c = info["counts"]
-    print(f"wrote {info['out']}: {c['images']} images (train {c['train']} / val {c['val']} / test {c['test']}), "
-          f"{c['captions']} captions, word2vec {c['vocab']} words, {time.time() - t0:.1f} s")
-    return 0
+        c = info["counts"]
+        print(f"wrote {info['out']}: {c['images']} images (train {c['train']} / val {c['val']} / test {c['test']}), "
+              f"{c['captions']} captions, word2vec {c['vocab']} words, {time.time() - t0:.1f} s")
+
+    return run_guarded(body, interrupted=f"interrupted: nothing was written to {a.out}")
 
 
 if __name__ == "__main__":

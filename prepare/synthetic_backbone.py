@@ -30,15 +30,21 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
-import torch
-import torch.nn.functional as F
+from typing import TYPE_CHECKING
 
-from models.image_cnn import ARCHS as IMAGE_ARCHS, IMAGENET_MEAN, IMAGENET_STD  # (the torchvision guard first)
+import numpy as np
+
+from prepare.cli import ArgumentParser, run_guarded
 
 from .synthetic import BACKGROUNDS, COLOURS, SHAPES, Shape, make_scenes, render, scene_identity
 
-ARCHS = {name: ctor for name, (ctor, _, _) in IMAGE_ARCHS.items() if name.startswith("resnet")}
+if TYPE_CHECKING:
+    import torch
+
+# torch and models.image_cnn (torchvision) are imported inside the functions that use them, so that --help and
+# argument errors answer before they load (prepare/cli.py). The names of models.image_cnn.ARCHS this module trains
+# (test_synthetic_backbone pins that they are there):
+ARCHS = ("resnet18", "resnet50", "resnet152")
 GROUPS = {"pair": slice(0, 48), "colour": slice(48, 56), "shape": slice(56, 62), "background": slice(62, 65)}
 NUM_LABELS = 65
 
@@ -73,6 +79,8 @@ def pool_scenes(n: int, rng: np.random.Generator, exclude: set[tuple] = frozense
 def make_pool(n: int, size: int, seed: int, exclude: set[tuple] = frozenset()
               ) -> tuple[torch.Tensor, torch.Tensor]:
     """n scenes none of whose identities is in ``exclude`` -> images (n, 3, size, size) uint8, labels (n, 65)."""
+    import torch
+
     rng = np.random.default_rng([seed, 65])  # independent of prepare.synthetic's default_rng(seed)
     scenes = pool_scenes(n, rng, exclude)
     images = np.zeros((n, size, size, 3), np.uint8)
@@ -85,16 +93,21 @@ def make_pool(n: int, size: int, seed: int, exclude: set[tuple] = frozenset()
 
 def normalise(x: torch.Tensor) -> torch.Tensor:
     """uint8 (N, 3, H, W) -> float, ImageNet mean/std."""
+    import torch
+
+    from models.image_cnn import IMAGENET_MEAN, IMAGENET_STD  # (models/ installs the torchvision guard first)
     mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
     return (x.float() / 255.0 - mean) / std
 
 
-@torch.no_grad()
 def heldout_accuracy(net: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict[str, dict[str, float]]:
     """Per label group: accuracy of (logit > 0) and the base rate (always predicting the majority value)."""
+    import torch
+
     was_training = net.training
     net.eval()
-    pred = torch.cat([net(normalise(images[i:i + 250])) for i in range(0, len(images), 250)]) > 0  # (n, 65)
+    with torch.no_grad():
+        pred = torch.cat([net(normalise(images[i:i + 250])) for i in range(0, len(images), 250)]) > 0  # (n, 65)
     net.train(was_training)
     correct = (pred == labels.bool()).float().mean(0)  # (65,)
     base = torch.maximum(labels.mean(0), 1 - labels.mean(0))
@@ -106,6 +119,11 @@ def pretrain(out: str | Path, arch: str = "resnet18", size: int = 64, images: in
              steps: int = 300, batch: int = 64, lr: float = 1e-3, seed: int = 0, exclude: str | None = None,
              log_every: int = 50) -> dict[str, Any]:
     """Train and write ``out`` (state dict) and ``out.json`` (recipe + held-out accuracy); returns the JSON dict."""
+    import torch
+    import torch.nn.functional as F
+
+    from models.image_cnn import ARCHS as IMAGE_ARCHS  # (models/ installs the torchvision guard first)
+
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(ARCHS)}")
     if size < 32 or images < 1 or holdout < 1 or steps < 1 or batch < 1 or lr <= 0:
@@ -116,7 +134,7 @@ def pretrain(out: str | Path, arch: str = "resnet18", size: int = 64, images: in
     x, y = make_pool(images + holdout, size, seed, excluded)
     x_train, y_train, x_held, y_held = x[:images], y[:images], x[images:], y[images:]
     torch.manual_seed(seed)
-    net = ARCHS[arch](weights=None, num_classes=NUM_LABELS)
+    net = IMAGE_ARCHS[arch][0](weights=None, num_classes=NUM_LABELS)
     opt = torch.optim.Adam(net.parameters(), lr=lr)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
     gen = torch.Generator().manual_seed(seed)
@@ -155,8 +173,8 @@ def pretrain(out: str | Path, arch: str = "resnet18", size: int = 64, images: in
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m prepare.synthetic_backbone", description=__doc__.split("\n\n")[0],
-                                epilog="Load the result with --pretrained FILE.pth (configs/demo.yaml does).")
+    p = ArgumentParser(prog="python -m prepare.synthetic_backbone", description=__doc__.split("\n\n")[0],
+                       epilog="Load the result with --pretrained FILE.pth (configs/demo.yaml does).")
     p.add_argument("--out", required=True, help="state dict to write (FILE.pth; FILE.pth.json gets the recipe)")
     p.add_argument("--exclude", default=None, help="scenes.json of a prepare.synthetic dataset whose scenes the "
                    "pool must not contain (the demo passes its own)")
@@ -171,14 +189,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=1e-3, help="peak Adam learning rate (default: 1e-3)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     a = p.parse_args(argv)
-    try:
+
+    def body() -> None:
         r = pretrain(a.out, a.arch, a.size, a.images, a.holdout, a.steps, a.batch, a.lr, a.seed, a.exclude)
-    except (ValueError, FloatingPointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    held = ", ".join(f"{g} {v['accuracy']:.3f} (base {v['base_rate']:.3f})" for g, v in r["heldout"].items())
-    print(f"wrote {a.out} ({r['seconds']:.0f} s); held-out attribute accuracy: {held}")
-    return 0
+        held = ", ".join(f"{g} {v['accuracy']:.3f} (base {v['base_rate']:.3f})" for g, v in r["heldout"].items())
+        print(f"wrote {a.out} ({r['seconds']:.0f} s); held-out attribute accuracy: {held}")
+
+    return run_guarded(body, errors=(ValueError, OSError, FloatingPointError),
+                       interrupted=f"interrupted: {a.out} was not written")
 
 
 if __name__ == "__main__":

@@ -222,10 +222,11 @@ def train_vectors(sentences: Sequence[Sequence[str]], *, dim: int = DEFAULT_DIM,
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The word2vec flags shared by every preparer."""
     g = parser.add_argument_group("word2vec (spec 2.1: dictionary = training tokens found in word2vec)")
-    g.add_argument("--word2vec", required=True, metavar="FILE|train",
+    g.add_argument("--word2vec", default=None, metavar="FILE|train",
                    help="word2vec file (binary or text, optionally .gz), e.g. GoogleNews-vectors-negative300.bin.gz; "
                         "or the word 'train' to train 300-d vectors on the training captions instead "
-                        "(a deviation from the paper, recorded in the manifest)")
+                        "(a deviation from the paper, recorded in the manifest). Required unless --dictionary "
+                        "FILE.mat gives the vectors")
     g.add_argument("--word2vec-format", choices=("auto", "binary", "text"), default="auto",
                    help="file format (default: auto-detect from the content)")
     g.add_argument("--word2vec-limit", type=int, default=None, metavar="N",

@@ -166,6 +166,12 @@ def test_caffe_file_loads_exactly_and_styles_never_mix(tmp_path):
         ImageCNN("resnet50", str(bare), style="caffe", backbone_width=WIDTH, pixel_mean=(1.0, 2.0, 3.0))
     with pytest.raises(ValueError, match="prepare.matconvnet backbone"):
         ImageCNN("resnet50", "imagenet", style="caffe", pixel_mean=(1.0, 2.0, 3.0))
+    with pytest.raises(ValueError, match=r"records bn_eps 1e-05 but this run has bn_eps 0\.001"):
+        ImageCNN("resnet50", str(path), style="caffe", bn_eps=1e-3, backbone_width=WIDTH, pixel_mean=(1.0, 2.0, 3.0))
+    with pytest.raises(ValueError, match=r"records backbone_width 0\.125 .* backbone_width 0\.25"):
+        ImageCNN("resnet50", str(path), style="caffe", backbone_width=0.25, pixel_mean=(1.0, 2.0, 3.0))
+    with pytest.raises(ValueError, match=r"records arch 'resnet50' but this run has arch 'resnet152'"):
+        ImageCNN("resnet152", str(path), style="caffe", backbone_width=WIDTH, pixel_mean=(1.0, 2.0, 3.0))
     bad = tmp_path / "bad.pth"
     write_caffe_backbone(bad, sidecar={"style": "matlab"})
     with pytest.raises(ValueError, match=r"bad\.pth\.json: style 'matlab'"):

@@ -1,0 +1,154 @@
+"""A local web page to search and inspect a trained model on a prepared split (or on a folder of your own images).
+
+    python -m engine.browse --checkpoint runs/f30k/stage2/checkpoint_best.pt --data data/flickr30k --split test
+    python -m engine.browse --checkpoint CKPT --data data/flickr30k --images ~/photos      # your own images
+    then open http://127.0.0.1:8765
+
+Views: a query box (sentence -> top-K images), an image view (top-K captions, ground-truth captions and their ranks),
+an evaluation view (R@1/5/10, Med r, worst-ranked queries, paged); every view has a permalink and an "export PNG".
+Features are encoded once at start-up; docs/browser.md describes the page. Arguments are parsed before torch is
+imported, so --help is instant.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from prepare.cli import ArgumentParser, UserError, fail
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = ArgumentParser(
+        prog="python -m engine.browse", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Serve a local retrieval browser for a trained dual-path model: a query box, an image view, "
+                    "an evaluation view (the numbers evaluate.py prints), permalinks and PNG export.",
+        epilog="examples:\n"
+               "  python -m engine.browse --checkpoint runs/f30k/stage2/checkpoint_best.pt --data data/flickr30k\n"
+               "  python -m engine.browse --checkpoint CKPT --data data/flickr30k --images ~/photos --port 8800\n"
+               "exit status: 0 stopped with Ctrl-C, 2 bad arguments or input (the message says what was expected).")
+    p.add_argument("--checkpoint", required=True, type=Path, metavar="CKPT",
+                   help="a training checkpoint (checkpoint_best.pt / checkpoint_last.pt of a Stage I or II run)")
+    p.add_argument("--data", required=True, type=Path, metavar="PREPARED_DIR",
+                   help="the prepared directory the model was trained on (dictionary, images, captions)")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"),
+                   help="prepared split whose images and captions are browsed (default: %(default)s)")
+    p.add_argument("--images", type=Path, metavar="FOLDER",
+                   help="browse this folder of .jpg/.jpeg/.png images (recursive) instead of the split's images; "
+                        "the image view then ranks the split's captions; features are cached as in engine.search")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default: %(default)s, this machine only; 0.0.0.0 exposes the page "
+                        "and the images to the network)")
+    p.add_argument("--port", type=int, default=8765, help="port (default: %(default)s; 0 = any free port)")
+    p.add_argument("--top-k", type=int, default=10, metavar="K", help="results per view (default: %(default)s)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="neither read nor write the feature caches (default: the split's features are cached next "
+                        "to the checkpoint, .dualpath_browse_<split>_<hash>.npz, a folder's in the folder, so a "
+                        "second start-up skips the encoding)")
+    p.add_argument("--device", default="auto", metavar="DEV",
+                   help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N (default: %(default)s)")
+    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+                   help="autocast while encoding (default: %(default)s; auto = bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per forward pass (default: 64)")
+    return p
+
+
+class BrowseStartError(UserError):
+    """A user error found before serving (exit code 2)."""
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Checks that need no torch: files exist, numbers are in range."""
+    from .browse_limits import MAX_K
+
+    if not 1 <= args.top_k <= MAX_K:
+        raise BrowseStartError(f"--top-k {args.top_k}: expected 1 to {MAX_K}")
+    if not 0 <= args.port <= 65535:
+        raise BrowseStartError(f"--port {args.port}: expected 0 (any free port) to 65535")
+    if args.batch_size < 1:
+        raise BrowseStartError(f"--batch-size {args.batch_size}: expected a positive number")
+    if not args.checkpoint.is_file():
+        raise BrowseStartError(f"--checkpoint {args.checkpoint}: checkpoint not found (expected a .pt file written "
+                               f"by train_stage1.py / train_stage2.py, e.g. RUN_DIR/checkpoint_best.pt)")
+    if not (args.data / "manifest.json").is_file():
+        raise BrowseStartError(f"--data {args.data}: not a prepared directory (no manifest.json; run "
+                               f"python -m prepare.<dataset> first)")
+    if args.images is not None and not args.images.is_dir():
+        raise BrowseStartError(f"--images {args.images}: no such folder (expected a folder of .jpg/.jpeg/.png "
+                               f"images)")
+
+
+def load_index(args: argparse.Namespace):
+    """Load the model and encode the gallery once (progress on stderr) -> BrowseIndex."""
+    from .browse_index import default_split_cache, from_folder, from_split
+    from .data import Prepared
+    from .model_io import load_model
+    from .search import _resolve_device
+    from .search_index import checkpoint_key, default_caption_cache, default_image_cache
+
+    data = Prepared(args.data)
+    device = _resolve_device(args.device)
+    try:
+        model, _ = load_model(args.checkpoint, data, device)
+    except RuntimeError as e:  # unreadable file, or weights that do not fit the rebuilt network
+        raise BrowseStartError(f"--checkpoint {args.checkpoint}: {e}") from None
+    if args.images is None:
+        if len(data.split_images(args.split)) == 0:
+            raise BrowseStartError(f"--split {args.split}: {args.data} has no {args.split} images")
+        return from_split(model, data, args.split, device, top_k=args.top_k, precision=args.precision,
+                          batch_size=args.batch_size, source=str(args.checkpoint),
+                          cache_key=checkpoint_key(args.checkpoint),
+                          cache=None if args.no_cache else default_split_cache(args.checkpoint, data, args.split))
+    return from_folder(model, data, args.split, args.images, device, top_k=args.top_k, precision=args.precision,
+                       batch_size=args.batch_size, cache_key=checkpoint_key(args.checkpoint),
+                       source=str(args.checkpoint),
+                       image_cache=None if args.no_cache else default_image_cache(args.images, args.checkpoint),
+                       caption_cache=None if args.no_cache else default_caption_cache(args.checkpoint, data,
+                                                                                       args.split))
+
+
+def make_server(index, host: str = "127.0.0.1", port: int = 0):
+    """A threaded werkzeug server for the app (``.serve_forever()``, ``.shutdown()``; ``.port`` is the bound
+    port, useful with port 0)."""
+    from werkzeug.serving import make_server as _make
+
+    from .browse_app import create_app
+
+    return _make(host, port, create_app(index), threaded=True)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        check_args(args)
+        from .data import PreparedDataError
+        from .search_index import SearchError
+        try:
+            index = load_index(args)
+            server = make_server(index, args.host, args.port)
+        except (SearchError, PreparedDataError, FileNotFoundError, ValueError) as e:
+            raise BrowseStartError(str(e)) from None
+        except OSError as e:  # the port is taken, or the address cannot be bound
+            raise BrowseStartError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+    except BrowseStartError as e:
+        return fail(e)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    where = "this machine only" if args.host in ("127.0.0.1", "localhost", "::1") else "REACHABLE FROM THE NETWORK"
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"{index.mode} gallery: {len(index.image_paths)} images, {len(index.caption_rows)} {args.split} captions"
+          + (f"; rsum {index.evaluation['rsum']:.1f}" if index.evaluation else ""), flush=True)
+    print(f"listening on http://{host}:{server.port}/  ({where}; Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("stopped", file=sys.stderr)
+    finally:
+        server.server_close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""The command-line convention of every entry point (``prepare.*``, train_stage*.py, evaluate.py, ``engine.search``,
+bench/*.py), in one place. See docs/cli.md.
+
+- Arguments are parsed before torch, torchvision or the models are imported, so ``--help`` and usage errors answer
+  at once.
+- A mistake in the user's input (a bad path, option, config key, YAML file, checkpoint, prepared directory, ...) is
+  ONE line on stderr, ``error: <what was given, naming the file or option, and what was expected>``, exit status 2,
+  no traceback. argparse's usage errors follow it too (``ArgumentParser``).
+- Anything else is a bug in this code: it keeps its traceback (exit status 1).
+- Ctrl-C: one line on stderr, exit status 130.
+
+This module lives in ``prepare/`` because that is the lowest layer (``prepare`` must not import ``engine``); it
+imports nothing but the standard library.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Callable, NoReturn
+
+ERROR_EXIT = 2
+INTERRUPT_EXIT = 130
+
+
+class UserError(Exception):
+    """Base of the errors a user's input causes (PrepareError, PreparedDataError, CheckpointError, SearchError, ...).
+
+    The message names the file (and line, key or option) and what was expected."""
+
+
+# What ``run_guarded`` turns into one ``error:`` line: our own UserErrors, the OS's (missing file, permissions,
+# full disk: the message names the path) and ValueError (bad values: config keys, paper rows, mismatched shapes).
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, OSError, ValueError)
+
+
+def one_line(message: object) -> str:
+    """The message with every run of whitespace (newlines of a YAML error, say) collapsed to one space."""
+    return " ".join(str(message).split())
+
+
+def fail(message: object) -> int:
+    """Print ``error: MESSAGE`` as one line on stderr; return the exit status 2."""
+    print(f"error: {one_line(message)}", file=sys.stderr)
+    return ERROR_EXIT
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with the project's one-line usage errors: ``error: MESSAGE (see PROG --help)``, exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(ERROR_EXIT, f"error: {one_line(message)} (see {self.prog} --help)\n")
+
+
+def run_guarded(body: Callable[[], int | None], errors: tuple[type[BaseException], ...] = USER_ERRORS,
+                interrupted: str = "interrupted") -> int:
+    """Run ``body()`` (everything after argument parsing); its exit status, 0 when it returns None. An exception of
+    ``errors`` becomes one ``error:`` line and status 2, Ctrl-C the line ``interrupted`` and status 130."""
+    try:
+        rc = body()
+    except errors as e:
+        return fail(e)
+    except KeyboardInterrupt:
+        print(interrupted, file=sys.stderr)
+        return INTERRUPT_EXIT
+    return 0 if rc is None else rc

@@ -1,0 +1,164 @@
+"""The original networks as lists of ``Entry`` (reference matconvnet_models.md sections 3, 4 and 6): every parameter
+of the Caffe ResNet backbone, the authors' image head, text CNN and shared classifier, with the layer that owns it,
+the shape it must have (from widths inferred from the file) and the geometry (stride, pad) of its PyTorch module.
+The target keys are those of ``models`` (torchvision names for the backbone; ``image.*``, ``text.*``,
+``classifier`` for the DualPath), written out here by name: this package never imports the models.
+"""
+from __future__ import annotations
+
+import string
+from typing import Any
+
+from prepare.matconvnet_io import describe
+from prepare.matconvnet_net import DagNN, Entry
+
+ARCH_BLOCKS = {(3, 4, 6, 3): "resnet50", (3, 8, 36, 3): "resnet152"}
+EMBED_DIM = 300
+TEXT_STAGES = ((3, 128, 256, 1), (4, 512, 512, 2), (6, 1024, 1024, 2), (1, 2048, 2048, 1))  # text CNN "res50"
+
+
+def _block_ids(n: int, numbered: bool) -> list[str]:
+    return ["a"] + [f"b{i}" for i in range(1, n)] if numbered else list(string.ascii_lowercase[:n])
+
+
+def resnet_arch(dag: DagNN) -> tuple[str, tuple[tuple[str, ...], ...]]:
+    """The ResNet variant from the block names present (res{S}a.., or res{S}a, res{S}b1.. of ResNet-101/152)."""
+    counts, ids = [], []
+    for stage in (2, 3, 4, 5):
+        numbered = f"res{stage}b1_branch2a_filter" in dag.params
+        n = 0
+        while f"res{stage}{_block_ids(n + 1, numbered)[-1]}_branch2a_filter" in dag.params:
+            n += 1
+        counts.append(n)
+        ids.append(tuple(_block_ids(n, numbered)))
+    arch = ARCH_BLOCKS.get(tuple(counts))
+    if arch is None:
+        raise dag.fail(f"ResNet blocks per stage {tuple(counts)} (from the res{{S}}{{b}}_branch2a_filter names) "
+                       f"match no supported image CNN; expected {dict((v, k) for k, v in ARCH_BLOCKS.items())}")
+    return arch, tuple(ids)
+
+
+def resnet_spec(dag: DagNN) -> tuple[list[Entry], dict[str, Any]]:
+    """The Caffe ResNet backbone (torchvision key names) with widths inferred from conv1."""
+    arch, ids = resnet_arch(dag)
+    conv1 = dag.params.get("conv1_filter")
+    if conv1 is None or conv1.ndim != 4 or conv1.shape[:3] != (7, 7, 3):
+        raise dag.fail(f"param 'conv1_filter' must be 7x7x3xC (the Caffe ResNet conv1), got "
+                       f"{describe(conv1) if conv1 is not None else 'nothing'}")
+    base = int(conv1.shape[3])  # 64 x backbone_width
+    entries = [Entry("conv2d", "conv1", ("conv1_filter", "conv1_bias"), "conv1", (7, 7, 3, base), 2, (3, 3, 3, 3),
+                     "backbone"),
+               Entry("bn", "bn_conv1", ("bn_conv1_mult", "bn_conv1_bias", "bn_conv1_moments"), "bn1", (base,),
+                     group="backbone")]
+    cin = base
+    for s, (stage, blocks) in enumerate(zip((2, 3, 4, 5), ids)):
+        mid = base * 2 ** s
+        out = 4 * mid
+        for k, b in enumerate(blocks):
+            first_stride = 2 if (k == 0 and stage > 2) else 1
+            pre = f"layer{s + 1}.{k}"
+            for branch, conv, size, stride, pad in (
+                    ("2a", "conv1", (1, 1, cin, mid), first_stride, 0), ("2b", "conv2", (3, 3, mid, mid), 1, 1),
+                    ("2c", "conv3", (1, 1, mid, out), 1, 0)):
+                name = f"res{stage}{b}_branch{branch}"
+                entries.append(Entry("conv2d", name, (f"{name}_filter",), f"{pre}.{conv}", size, stride,
+                                     (pad,) * 4, "backbone"))
+                bn = f"bn{stage}{b}_branch{branch}"
+                entries.append(Entry("bn", bn, (f"{bn}_mult", f"{bn}_bias", f"{bn}_moments"),
+                                     f"{pre}.bn{conv[-1]}", (size[3],), group="backbone"))
+            if k == 0:
+                name, bn = f"res{stage}a_branch1", f"bn{stage}a_branch1"
+                entries.append(Entry("conv2d", name, (f"{name}_filter",), f"{pre}.downsample.0", (1, 1, cin, out),
+                                     1 if stage == 2 else 2, group="backbone"))
+                entries.append(Entry("bn", bn, (f"{bn}_mult", f"{bn}_bias", f"{bn}_moments"),
+                                     f"{pre}.downsample.1", (out,), group="backbone"))
+            cin = out
+    return entries, {"arch": arch, "backbone_width": base / 64, "backbone_channels": cin}
+
+
+def head_spec(dag: DagNN, channels: int) -> tuple[list[Entry], dict[str, Any]]:
+    """The image head fc1 / fc1_1 (ResNet) on the backbone's ``channels``; feature size from fc1_1f."""
+    f = dag.params.get("fc1_1f")
+    if f is None or f.ndim < 4:
+        raise dag.fail(f"param 'fc1_1f' must be a [1 1 D D] filter, got {describe(f) if f is not None else 'nothing'}")
+    dim = int(f.shape[3])
+    entries = [Entry("conv2d", "fc1", ("fc1f",), "image.fc1", (1, 1, channels, dim)),
+               Entry("bn", "fc1bn", ("fc1bn_w", "fc1bn_b", "fc1bn_m"), "image.fc1_bn", (dim,)),
+               Entry("conv2d", "fc1_1", ("fc1_1f",), "image.fc1_1", (1, 1, dim, dim)),
+               Entry("bn", "fc1_1bn", ("fc1_1bn_w", "fc1_1bn_b", "fc1_1bn_m"), "image.fc1_1_bn", (dim,))]
+    return entries, {"feature_dim": dim}
+
+
+def _text_width(c: int, width: float) -> int:
+    return max(4, round(c * width))  # the same rounding as models.text_cnn.TextCNN
+
+
+def text_spec(dag: DagNN, dim: int) -> tuple[list[Entry], dict[str, Any]]:
+    """The text CNN (reference 4.2): embedding, 14 bottleneck blocks of 1x2 convs, fc5_1 max pool, fc5_2."""
+    f = dag.params.get("fc2f")
+    if f is None or f.ndim != 4 or f.shape[:2] != (1, 1):
+        raise dag.fail(f"param 'fc2f' must be the [1 1 V 300] word2vec layer, got "
+                       f"{describe(f) if f is not None else 'nothing'}")
+    vocab = int(f.shape[2])
+    out0 = dag.params.get("fc2_1_3f")
+    if out0 is None or out0.ndim != 4:
+        raise dag.fail("param 'fc2_1_3f' (the first text block's output conv) is missing or not a 4-D filter")
+    width = int(out0.shape[3]) / 256
+    entries = [Entry("embed", "fc2", ("fc2f", "fc2b"), "text.embed", (1, 1, vocab, EMBED_DIM)),
+               Entry("bn", "fc2bn", ("fc2bn_w", "fc2bn_b", "fc2bn_m"), "text.embed_bn", (EMBED_DIM,))]
+    names = [("fc2_1", "first")] + [(f"fc2_{i}", "id") for i in (2, 3)] + [("fc2_4", "proj")]
+    names += [(f"fc3_{i}", "id") for i in (2, 3, 4)] + [("fc3_5", "proj")]
+    names += [(f"fc4_{i}", "id") for i in range(2, 7)] + [("fc4_7", "proj")]
+    plan = [(n_blocks, pmid, cout, stride) for n_blocks, pmid, cout, stride in TEXT_STAGES]
+    shapes = []  # (cin, mid, cout, stride) per block, the same rule as TextCNN
+    cin = EMBED_DIM
+    for n_blocks, pmid, cout, stride in plan:
+        pmid, cout = _text_width(pmid, width), _text_width(cout, width)
+        shapes.append((cin, pmid, cout, stride))
+        shapes += [(cout, cout // 4, cout, 1)] * (n_blocks - 1)
+        cin = cout
+    for k, ((prefix, kind), (cin, mid, cout, stride)) in enumerate(zip(names, shapes)):
+        key = f"text.blocks.{k}"
+        main = f"{prefix}a" if kind == "proj" else prefix
+        convs = [(f"{main}_1", (1, 1, cin, mid), 1, "branch.0", "branch.1"),
+                 (f"{main}_2", (1, 2, mid, mid), stride, "branch.3.conv", "branch.4"),
+                 (f"{main}_3", (1, 1, mid, cout), 1, "branch.6", "branch.7")]
+        for j, (name, size, s, conv_key, bn_key) in enumerate(convs):
+            entries.append(Entry("conv1d", name, (f"{name}f",), f"{key}.{conv_key}", size, s,
+                                 (0, 0, 1, 0) if size[1] == 2 else (0, 0, 0, 0)))
+            bn_layer = f"{name}bn_1" if (kind == "id" and j == 0) else f"{name}bn"
+            entries.append(Entry("bn", bn_layer, (f"{name}bn_w", f"{name}bn_b", f"{name}bn_m"),
+                                 f"{key}.{bn_key}", (size[3],)))
+        if kind != "id":
+            short = f"{prefix}b"
+            entries.append(Entry("conv1d", short, (f"{short}f",), f"{key}.shortcut.0", (1, 1, cin, cout), stride))
+            entries.append(Entry("bn", f"{short}bn", (f"{short}bn_w", f"{short}bn_b", f"{short}bn_m"),
+                                 f"{key}.shortcut.1", (cout,)))
+    text_out = shapes[-1][2]
+    entries += [Entry("linear", "fc5_2", ("fc5_2f",), "text.fc", (1, 1, text_out, dim)),
+                Entry("bn", "fc5_2bn", ("fc5_2bn_w", "fc5_2bn_b", "fc5_2bn_m"), "text.fc_bn", (dim,))]
+    pool = dag.layer("fc5_1", "dagnn.Pooling")
+    size = dag.number(pool, "poolSize", 2)
+    method = str(pool.block.get("method", "max")) or "max"
+    if size[0] != 1 or method not in ("max", "avg") or dag.number(pool, "stride", 2) != [1, 1] \
+            or dag.number(pool, "pad", 4) != [0, 0, 0, 0]:
+        raise dag.fail(f"layer 'fc5_1': expected a max (or avg) pooling [1 L/4] over the whole sentence, stride 1, "
+                       f"pad 0; got method {method!r}, poolSize {size}, stride {dag.number(pool, 'stride', 2)}, "
+                       f"pad {dag.number(pool, 'pad', 4)}")
+    return entries, {"vocab_size": vocab, "text_width": width, "max_len": int(size[1]) * 4, "text_pool": method}
+
+
+def classifier_spec(dag: DagNN, dim: int) -> tuple[list[Entry], dict[str, Any]]:
+    """The ONE shared W: fc_img and fc_txt must both name fcsharef (and fcshareb, when the file has it)."""
+    w = dag.params.get("fcsharef")
+    if w is None or w.ndim != 4:
+        raise dag.fail("param 'fcsharef' (the shared classifier W, [1 1 D N]) is missing or not 4-D")
+    bias = "fcshareb" in dag.params
+    names = ("fcsharef", "fcshareb") if bias else ("fcsharef",)
+    for layer in ("fc_img", "fc_txt"):
+        got = tuple(dag.layer(layer, "dagnn.Conv").params)
+        if got != names:
+            raise dag.fail(f"layer {layer!r} has params {list(got)}, expected {list(names)}: both paths must share "
+                           f"one classifier W")
+    return [Entry("linear", "fc_img", names, "classifier", (1, 1, dim, int(w.shape[3])))], \
+        {"num_classes": int(w.shape[3]), "classifier_bias": bias}
