@@ -89,8 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, metavar="OUT", help="also write the results to this JSON file")
     p.add_argument("--device", default="auto", metavar="DEV",
                    help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N (default: %(default)s)")
-    p.add_argument("--precision", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
-                   help="autocast while encoding (default: %(default)s; auto = bf16 on CUDA, fp32 on CPU)")
+    p.add_argument("--precision", default="fp32", choices=("auto", "bf16", "fp16", "fp32"),
+                   help="encoding precision (default: %(default)s, as evaluate.py; TF32 matmuls on CUDA; bf16/fp16: "
+                        "autocast; auto = bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per forward pass (default: 32)")
     return p
 
