@@ -361,7 +361,7 @@ def test_cli_errors_name_what_was_expected(checkpoint, prepared, folder, tmp_pat
     manifest["num_classes"] = 3
     (other / "manifest.json").write_text(json.dumps(manifest))
     cases.append((["--checkpoint", checkpoint, "--data", other, "--images", folder, "--query", "red"],
-                  "num_classes 2 vs 3; pass the prepared directory the model was trained on"))
+                  "num_classes 2 vs 3 (checkpoint vs prepared); pass the prepared directory the model was trained on"))
     for argv, expected in cases:
         assert search.main([str(a) for a in argv]) == 2
         assert expected in capsys.readouterr().err
