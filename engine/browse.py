@@ -16,7 +16,9 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from prepare.cli import ArgumentParser, UserError, fail
+from prepare.cli import ArgumentParser, UserError, check_model_inputs, fail
+
+from .search import add_encoding_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -46,12 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="neither read nor write the feature caches (default: the split's features are cached next "
                         "to the checkpoint, .dualpath_browse_<split>_<hash>.npz, a folder's in the folder, so a "
                         "second start-up skips the encoding)")
-    p.add_argument("--device", default="auto", metavar="DEV",
-                   help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N (default: %(default)s)")
-    p.add_argument("--precision", default="fp32", choices=("auto", "bf16", "fp16", "fp32"),
-                   help="encoding precision (default: %(default)s, as evaluate.py; TF32 matmuls on CUDA; bf16/fp16: "
-                        "autocast; auto = bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per forward pass (default: 64)")
+    add_encoding_args(p, batch_size=64)
     return p
 
 
@@ -69,12 +66,10 @@ def check_args(args: argparse.Namespace) -> None:
         raise BrowseStartError(f"--port {args.port}: expected 0 (any free port) to 65535")
     if args.batch_size < 1:
         raise BrowseStartError(f"--batch-size {args.batch_size}: expected a positive number")
-    if not args.checkpoint.is_file():
-        raise BrowseStartError(f"--checkpoint {args.checkpoint}: checkpoint not found (expected a .pt file written "
-                               f"by train_stage1.py / train_stage2.py, e.g. RUN_DIR/checkpoint_best.pt)")
-    if not (args.data / "manifest.json").is_file():
-        raise BrowseStartError(f"--data {args.data}: not a prepared directory (no manifest.json; run "
-                               f"python -m prepare.<dataset> first)")
+    try:
+        check_model_inputs(args.checkpoint, args.data)
+    except UserError as e:
+        raise BrowseStartError(str(e)) from None
     if args.images is not None and not args.images.is_dir():
         raise BrowseStartError(f"--images {args.images}: no such folder (expected a folder of .jpg/.jpeg/.png "
                                f"images)")

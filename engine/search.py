@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from prepare.cli import ArgumentParser, UserError, run_guarded
+from prepare.cli import ArgumentParser, UserError, check_model_inputs, run_guarded
 
 if TYPE_CHECKING:
     import torch
@@ -87,13 +87,19 @@ def build_parser() -> argparse.ArgumentParser:
                         ".dualpath_captions_<split>_<hash>.npz)")
     p.add_argument("--no-cache", action="store_true", help="neither read nor write any feature cache")
     p.add_argument("--json", type=Path, metavar="OUT", help="also write the results to this JSON file")
+    add_encoding_args(p, batch_size=32)
+    return p
+
+
+def add_encoding_args(p: argparse.ArgumentParser, batch_size: int) -> None:
+    """--device, --precision, --batch-size: how a loaded model encodes (search and the browser)."""
     p.add_argument("--device", default="auto", metavar="DEV",
                    help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N (default: %(default)s)")
     p.add_argument("--precision", default="fp32", choices=("auto", "bf16", "fp16", "fp32"),
                    help="encoding precision (default: %(default)s, as evaluate.py; TF32 matmuls on CUDA; bf16/fp16: "
                         "autocast; auto = bf16 on CUDA, fp32 on CPU)")
-    p.add_argument("--batch-size", type=int, default=32, metavar="N", help="images per forward pass (default: 32)")
-    return p
+    p.add_argument("--batch-size", type=int, default=batch_size, metavar="N",
+                   help="images per forward pass (default: %(default)s)")
 
 
 def _resolve_device(name: str) -> torch.device:
@@ -121,12 +127,7 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError("--images FOLDER is searched with --query TEXT; none was given")
     if args.top_k < 1:
         raise UserError(f"--top-k {args.top_k}: expected a positive number of results")
-    if not args.checkpoint.is_file():
-        raise UserError(f"--checkpoint {args.checkpoint}: checkpoint not found (expected a .pt file written by "
-                        f"train_stage1.py / train_stage2.py, e.g. RUN_DIR/checkpoint_best.pt)")
-    if not (args.data / "manifest.json").is_file():
-        raise UserError(f"--data {args.data}: not a prepared directory (no manifest.json; run "
-                        f"python -m prepare.<dataset> first)")
+    check_model_inputs(args.checkpoint, args.data)
     for img in args.image:
         if not img.is_file():
             raise UserError(f"--image {img}: no such file (expected a .jpg/.jpeg/.png image)")

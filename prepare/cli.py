@@ -63,3 +63,16 @@ def run_guarded(body: Callable[[], int | None], errors: tuple[type[BaseException
         print(interrupted, file=sys.stderr)
         return INTERRUPT_EXIT
     return 0 if rc is None else rc
+
+
+def check_model_inputs(checkpoint, data) -> None:
+    """The two paths every command that loads a trained model takes (``engine.search``, ``engine.browse``), checked
+    before torch is imported: the checkpoint file and the prepared directory. Raises UserError."""
+    from pathlib import Path
+
+    if not Path(checkpoint).is_file():
+        raise UserError(f"--checkpoint {checkpoint}: checkpoint not found (expected a .pt file written by "
+                        f"train_stage1.py / train_stage2.py, e.g. RUN_DIR/checkpoint_best.pt)")
+    if not (Path(data) / "manifest.json").is_file():
+        raise UserError(f"--data {data}: not a prepared directory (no manifest.json; run "
+                        f"python -m prepare.<dataset> first)")

@@ -35,17 +35,21 @@ pytestmark = pytest.mark.skipif(
 TIMEOUT = 60
 
 
-@pytest.fixture(scope="module")
-def server(checkpoint, prepared):
-    args = Namespace(checkpoint=Path(checkpoint), data=Path(prepared), split="test", images=None, top_k=3,
-                     no_cache=False, device="cpu", precision="auto", batch_size=64)
-    index = browse.load_index(args)
+def serving(index):
+    """Serve ``index`` on a free loopback port in a background thread: yields (base URL, index), then stops."""
     srv = browse.make_server(index, "127.0.0.1", 0)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{srv.port}", index
     srv.shutdown()
     thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint, prepared):
+    args = Namespace(checkpoint=Path(checkpoint), data=Path(prepared), split="test", images=None, top_k=3,
+                     no_cache=False, device="cpu", precision="auto", batch_size=64)
+    yield from serving(browse.load_index(args))
 
 
 @pytest.fixture(scope="module")
@@ -183,13 +187,7 @@ def folder_server(model, data, tmp_path_factory):
     for name in ("red", "blue", "green"):
         _solid(photos / f"{name}.jpg", COLOURS[name], (120, 90))
     import torch
-    index = from_folder(model, data, "test", photos, torch.device("cpu"), top_k=2)
-    srv = browse.make_server(index, "127.0.0.1", 0)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{srv.port}", index
-    srv.shutdown()
-    thread.join(timeout=10)
+    yield from serving(from_folder(model, data, "test", photos, torch.device("cpu"), top_k=2))
 
 
 def test_own_image_folder(folder_server, driver, data):
