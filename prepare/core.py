@@ -447,7 +447,7 @@ def add_common_args(parser: argparse.ArgumentParser, *, max_len: int) -> None:
     parser.add_argument("--max-len", type=int, default=max_len, metavar="L",
                         help=f"L_max: kept dictionary words stored per caption (default {max_len}, spec 2.1)")
     parser.add_argument("--image-size", type=int, default=256, metavar="S",
-                        help="resize target S in pixels (default 256, the paper's; the demo uses 128)")
+                        help="resize target S in pixels (default 256, the paper's; the demo uses 72)")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, metavar="N",
                         help="image-resizing processes (default: number of CPUs, here %(default)s; 1 = no pool)")
     parser.add_argument("--dictionary-rule", choices=DICTIONARY_RULES, default="train",
