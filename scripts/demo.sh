@@ -39,5 +39,6 @@ echo "## Synthetic test split (50 images, 250 captions), data seed $SEED, $(( $(
 python evaluate.py --table "$RUNS/stage1/results_test.json" "$RUNS/stage2/results_test.json"
 echo "TensorBoard: tensorboard --logdir $OUT"
 echo "chance level: R@1 2, R@5 10, R@10 20 in each direction, Med r 25.5, rsum 64."
-echo "a working install lands at test rsum 82-190 after Stage I and 87-189 after Stage II (measured on 2 data seeds"
-echo "and 2 machines so far; see docs/demo.md). A run near rsum 64 is at chance: something is wrong."
+echo "a working install lands at test rsum 95-152 after Stage I and 119-164 after Stage II (data seeds 0-2 on a fresh"
+echo "clone, 2026-12-03; Stage II t2i R@10 43-49; other machines gave up to 190: see docs/demo.md)."
+echo "A Stage II run near rsum 64 is at chance: something is wrong."
