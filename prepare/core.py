@@ -218,14 +218,26 @@ def read_karpathy_json(path: str | Path) -> list[tuple[str, dict, str]]:
     return out
 
 
+def file_digest(path: str | Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's bytes, read in blocks (a 1 GB .mat file is never held whole)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, algorithm).hexdigest()
+
+
 def file_record(path: str | Path) -> dict[str, Any]:
     """{"path", "sha256", "bytes"} of an input file for the manifest."""
     path = Path(path)
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return {"path": str(path.resolve()), "sha256": h.hexdigest(), "bytes": path.stat().st_size}
+    return {"path": str(path.resolve()), "sha256": file_digest(path), "bytes": path.stat().st_size}
+
+
+def dictionary_text(words: Sequence[str]) -> bytes:
+    """The bytes of a prepared ``dictionary.txt``: word v (1-based) on line v."""
+    return "".join(w + "\n" for w in words).encode("utf-8")
+
+
+def dictionary_sha256(words: Sequence[str]) -> str:
+    """The dictionary's identity (manifest and checkpoints): sha256 of its dictionary.txt bytes."""
+    return hashlib.sha256(dictionary_text(words)).hexdigest()
 
 
 # ----------------------------------------------------------------------------------------- atomic output
@@ -406,7 +418,7 @@ def write_prepared(dataset: str, images: Sequence[RawImage], args: argparse.Name
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "image_dir": "images", "word2vec": vectors_info,
         "dictionary_source": dictionary_source,
-        "dictionary_sha256": hashlib.sha256("".join(w + "\n" for w in dictionary).encode("utf-8")).hexdigest(),
+        "dictionary_sha256": dictionary_sha256(dictionary),
         "text": {"delimiters": delimiters + " (and whitespace)", "delimiter_chars": delimiters, "case_sensitive": True,
                  "dictionary_rule": rule,
                  "dictionary_from": dictionary_source if isinstance(dictionary_source, str) else "given (--dictionary)",
@@ -420,7 +432,7 @@ def write_prepared(dataset: str, images: Sequence[RawImage], args: argparse.Name
         captions_df.to_parquet(tmp / "captions.parquet", index=False)
         np.save(tmp / "tokens.npy", tokens)
         np.save(tmp / "word2vec.npy", matrix)
-        (tmp / "dictionary.txt").write_text("".join(w + "\n" for w in dictionary), encoding="utf-8")
+        (tmp / "dictionary.txt").write_bytes(dictionary_text(dictionary))
         jobs = [(im.path, tmp / "images" / f) for im, f in zip(images, files)]
         done = imgs.resize_many(jobs, args.image_size, resize_mode, workers=args.workers,
                                 progress=sys.stderr.isatty())

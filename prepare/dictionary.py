@@ -17,7 +17,6 @@ training checkpoints and converted checkpoints record it, and evaluation refuses
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,15 +31,6 @@ class GivenDictionary:
     words: list[str]
     vectors: np.ndarray | None  # float32 (V, dim), or None for a word list without vectors
     info: dict[str, Any]  # manifest record: path, sha256 (of the file), format, words
-
-
-def dictionary_text(words: list[str]) -> bytes:
-    """The bytes of a prepared ``dictionary.txt``."""
-    return "".join(w + "\n" for w in words).encode("utf-8")
-
-
-def dictionary_sha256(words: list[str]) -> str:
-    return hashlib.sha256(dictionary_text(words)).hexdigest()
 
 
 def _check_words(words: list[str], where: str) -> None:

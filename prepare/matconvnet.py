@@ -62,15 +62,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def md5sum(path: Path) -> str:
-    import hashlib
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def load_dagnn(path: Path):
     """Read only what the converter needs: ``net`` (a trained checkpoint) or layers/params/meta (ImageNet file)."""
     from prepare import matconvnet_io as mio
@@ -159,7 +150,8 @@ def convert_backbone(path: Path, out: Path, overwrite: bool = False) -> dict[str
     sidecar_path = Path(str(out) + ".json")
     _refuse_existing([out, sidecar_path], overwrite)
     state, sidecar = backbone_state(load_dagnn(path))
-    sidecar.update(source=str(path.resolve()), md5=md5sum(path))
+    from prepare.core import file_digest
+    sidecar.update(source=str(path.resolve()), md5=file_digest(path, "md5"))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmps = []
     try:  # both files complete before either is renamed; the sidecar first (a .json alone is harmless)
@@ -193,7 +185,7 @@ def model_checkpoint(dag: Any, given: Any, manifest: dict[str, Any] | None = Non
 
     from prepare import matconvnet_net as mn
     from prepare import matconvnet_spec as ms
-    from prepare.dictionary import dictionary_sha256
+    from prepare.core import dictionary_sha256
 
     backbone, info = ms.resnet_spec(dag)
     head, head_info = ms.head_spec(dag, info["backbone_channels"])
@@ -254,7 +246,7 @@ def convert_model(path: Path, dictionary: Path, out: Path, data: Path | None = N
     import json
 
     from engine.checkpoint import save_atomic
-    from prepare.core import check_file
+    from prepare.core import check_file, file_digest
     from prepare.dictionary import read_given_dictionary
 
     _refuse_existing([out], overwrite)
@@ -263,7 +255,7 @@ def convert_model(path: Path, dictionary: Path, out: Path, data: Path | None = N
     if data is not None:
         manifest = json.loads(check_file(data / "manifest.json", "--data manifest").read_text())
     ckpt = model_checkpoint(load_dagnn(path), given, manifest, dataset, where=f"--data {data}")
-    md5 = md5sum(path)
+    md5 = file_digest(path, "md5")
     ckpt["pretrained_source"] = f"matconvnet {path.resolve()} (md5 {md5})"
     ckpt["provenance"].update(source=str(path.resolve()), md5=md5)
     save_atomic(ckpt, out)
