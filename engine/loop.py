@@ -87,7 +87,7 @@ def make_model(cfg: Config, data: Prepared, init: dict | None) -> tuple[DualPath
         model = build_model(word2vec=data.word2vec(), pretrained=cfg.pretrained, **kwargs)
         return model, model.image.pretrained_source
     old = config_from_dict(init["config"]).to_dict()
-    old["backbone_style"] = resolve_backbone_style(config_from_dict(init["config"]), init)
+    old["backbone_style"] = resolve_backbone_style(Config(backbone_style="auto"), init)  # the checkpoint's own
     diff = {k: (old[k], getattr(cfg, k)) for k in MODEL_KEYS if old[k] != getattr(cfg, k)}
     if diff:
         raise ValueError(f"Stage II config differs from the Stage I checkpoint in model keys {diff}")

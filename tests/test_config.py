@@ -244,3 +244,14 @@ def test_lr_mults_errors_name_the_file_and_the_groups(tmp_path):
     cfg_file.write_text("lr_mults: [1, 2]\n")
     with pytest.raises(ConfigError, match="'lr_mults' must be of type dict"):
         load_config(cfg_file, stage=2)
+
+
+def test_config_choices_match_the_models_lists():
+    """engine/config.py keeps its own choice lists (it must import before torch, for fast --help); they must stay
+    equal to the lists the models define, or a valid config would fail late (or an invalid one pass)."""
+    from engine.config import CHOICES
+    from models.image_cnn import ARCHS, STYLES
+    from models.losses import RANKING_LOSSES
+    assert set(CHOICES["arch"]) == set(ARCHS)
+    assert CHOICES["ranking_loss"] == RANKING_LOSSES
+    assert CHOICES["backbone_style"] == ("auto", *STYLES)
