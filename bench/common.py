@@ -7,6 +7,7 @@ torch only inside the functions that use it: every bench script parses its argum
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import platform
@@ -203,42 +204,34 @@ def build_trainer(pattern: str, stage: int, data: Path, run_dir: Path, overrides
     return Trainer(cfg, data, run_dir, init=stage1_ckpt)
 
 
-def device_batch(trainer, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    """What Trainer.train_step feeds the model: normalised images (channels_last on CUDA), tokens with the mined
-    negatives (Stage II hard), image labels, text labels; all on the trainer's device."""
-    dev = trainer.device
-    images = trainer.module.image.normalize(batch["images"].to(dev), trainer.channels_last)
-    tokens, labels, text_labels = (batch[k].to(dev) for k in ("tokens", "labels", "text_labels"))
-    if trainer.cfg.stage == 2 and trainer.cfg.negatives == "hard":
-        h = images.shape[0] // 2
-        neg_tokens, neg_labels = trainer._mine(images, batch)
-        tokens, text_labels = tokens.clone(), text_labels.clone()
-        tokens[h:], text_labels[h:] = neg_tokens, neg_labels
-    return images, tokens, labels, text_labels
-
-
 def model_step_fn(trainer, batch: dict[str, torch.Tensor]) -> Callable[[], None]:
-    """The model's own step: forward (autocast as configured) + loss + backward + optimizer step on tensors already
-    on the device; no mining, no host sync, no logging."""
-    from engine.encode import autocast
-    from models import total_loss
+    """The model's own step: the Trainer's step (``TrainStep.run``, its mode: eager or the captured graph) on one
+    batch already on the device: mining, forward, losses, backward, optimizer step; no loader, no host copies."""
+    from engine.step import INPUTS
 
-    cfg = trainer.cfg
-    images, tokens, labels, text_labels = device_batch(trainer, batch)
+    on_device = {k: batch[k].to(trainer.device) for k in INPUTS if k in batch}
     trainer.model.train()
-
-    def step() -> None:
-        with autocast(trainer.device, cfg.precision):
-            out = trainer.model(images, tokens)
-        loss, _ = total_loss(out, labels, text_labels, lambda_rank=cfg.lambda_rank if cfg.stage == 2 else 0.0,
-                             lambda_img=cfg.lambda_img, lambda_txt=cfg.lambda_txt, margin=cfg.margin)
-        trainer.optimizer.zero_grad(set_to_none=True)
-        trainer.scaler.scale(loss).backward()
-        trainer.scaler.step(trainer.optimizer)
-        trainer.scaler.update()
-    return step
+    return lambda: trainer.train_step(on_device)
 
 
 def model_pairs_per_s(trainer, batch: dict[str, torch.Tensor], steps: int, warmup: int) -> float:
     dt = time_repeated(model_step_fn(trainer, batch), steps, trainer.device, warmup)
     return trainer.cfg.batch_size / dt
+
+
+@contextlib.contextmanager
+def pad_classifier(classes: int):
+    """Within the block, Trainers build the shared W with at least ``classes`` rows (the real dataset's size, where
+    the synthetic data has fewer classes: the labels use the first rows). 0: unchanged."""
+    import engine.loop as loop
+
+    real = loop.build_model
+
+    def build_model(*, num_classes: int, **kwargs):
+        return real(num_classes=max(num_classes, classes), **kwargs)
+
+    loop.build_model = build_model
+    try:
+        yield
+    finally:
+        loop.build_model = real

@@ -1,26 +1,31 @@
-"""Benchmark: training throughput of the REAL loop against the model's own step (BENCHMARKS.md section 1).
+"""Benchmark: training throughput of the REAL loop against the model's own step, eager and captured side by side
+(BENCHMARKS.md section 1).
 
-For each stage, batch size and worker count:
+For each stage, batch size, step mode (``compile``: off = eager, cuda_graph = captured once and replayed),
+precision and worker count:
 
-(a) the real loop: ``engine.loop.Trainer._run_epoch`` on a prepared dataset, unchanged (its DataLoader with workers
-    and pinned memory, uint8 -> device normalisation, hard-negative mining, the loss check, TensorBoard logging, the
-    progress bar). ``train_step`` and ``log.scalars`` are wrapped only to take timestamps; the run is stopped after
-    W warm-up + N measured steps (all in the first epoch, so no validation or checkpoint falls in the window).
-(b) the model's own step: forward + loss + backward + optimizer step of the same Trainer's model and optimizer on
-    one batch already on the device (normalised, negatives already mined), re-used N times; no mining, no host
-    sync, no logging. This is the limit (a) can approach. Goal: (a) >= 80 % of (b).
+(a) the real loop: ``engine.loop.Trainer._run_epoch`` on a prepared dataset, unchanged (its one DataLoader iterator
+    with workers and pinned memory, the step with mining, the device-side statistics read every ``log_every``
+    steps, TensorBoard, the progress bar). ``train_step``, ``_next_batch`` and ``_log_window`` are wrapped only to
+    take timestamps; the device is synchronised after the warm-up steps and after the last step, so the window is
+    the device's time too. The run stops after W warm-up + N measured steps, inside the first epoch (no validation
+    or checkpoint in the window).
+(b) the model's own step: the same Trainer's step (``TrainStep.run``, the same mode: mining, forward, losses,
+    backward, optimizer step) on one batch already on the device, repeated N times. The limit (a) can approach.
+    Goal: (a) >= 90 % of (b).
 
-Reported: pairs/s (a), (b), a/b; fractions of the loop time (a) spent waiting for data, mining (the Trainer's own
-clock, not CUDA-synchronised) and logging; and the mining alone timed with synchronisation, as a fraction of (a)'s
-step time.
+Reported: pairs/s of (a) and (b), a/b; fractions of (a)'s window spent waiting for the loader, on the host inside
+the step (launching work: near 100 % means the host, not the device, sets the pace), and reading the statistics
+(the window's sync); the mining alone (eager, synchronised) as a share of (a)'s step time.
 
-Defaults: on CPU configs/demo.yaml (ResNet-18, 64-px crops, demo widths) on the synthetic dataset prepared at 72 px;
-on CUDA the paper recipe configs/flickr30k_stage{1,2}.yaml (ResNet-50, 224, batch 32, its precision, channels_last)
-with --pretrained none, on the synthetic dataset prepared at 256 px with 29,783 training images (Flickr30k's
-number of classes, so the shared W has its real size). Datasets are cached under runs/bench_data/.
+Defaults: on CPU configs/demo.yaml (ResNet-18, 64-px crops, demo widths) on the synthetic dataset prepared at 72 px,
+eager only; on CUDA the recipe configs/flickr30k_stage{1,2}.yaml (ResNet-50, 224, batch 32, fp32 with TF32,
+channels_last) with --pretrained none, eager and cuda_graph, on the synthetic dataset prepared at 256 px with
+--train-images classes, the shared W padded to --classifier-classes rows (Flickr30k's 29,783: W at its real size
+while the synthetic set stays small; labels use the first rows). Datasets are cached under runs/bench_data/.
 
     .venv/bin/python bench/train_throughput.py                       # defaults of this device
-    .venv/bin/python bench/train_throughput.py --batch-size 32 128 --workers 4 8
+    .venv/bin/python bench/train_throughput.py --batch-size 32 128 --compile cuda_graph --precision fp32 bf16
     .venv/bin/python bench/train_throughput.py --stage 1 --steps 2 --warmup 1 --train-images 128 --no-write
 """
 from __future__ import annotations
@@ -30,16 +35,12 @@ import gc
 import tempfile
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import common  # noqa: F401  (puts the repository root on sys.path)
 from common import (DEFAULT_CACHE, add_output_args, build_trainer, default_image_size, device, model_step_fn,
-                    report, synthetic_prepared, table, time_repeated)
+                    pad_classifier, report, sync, synthetic_prepared, table, time_repeated)
 
 from prepare.cli import ArgumentParser  # noqa: E402
-
-if TYPE_CHECKING:
-    import torch
 
 HEADING = "## 1. Training step: real loop vs the model's own step"
 FLICKR30K_CLASSES = 29783
@@ -49,74 +50,57 @@ class _Done(Exception):
     pass
 
 
-class _TimedLoader:
-    """Iterates the Trainer's own DataLoader, recording the (start, end) of every wait for a batch."""
-
-    def __init__(self, loader, spans: list) -> None:
-        self.loader, self.spans = loader, spans
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def __iter__(self):
-        it = iter(self.loader)
-        while True:
-            t0 = time.perf_counter()
-            try:
-                batch = next(it)
-            except StopIteration:
-                return
-            self.spans.append((t0, time.perf_counter()))
-            yield batch
-
-
-def _within(spans: list, t0: float, t1: float) -> float:
-    return sum(b - a for a, b in spans if t0 <= a < t1)
-
-
 def measure_loop(trainer, warmup: int, steps: int) -> dict[str, float]:
     """Run Trainer._run_epoch until warmup + steps steps are done; statistics of the last ``steps``."""
-    calls, rets, mining, logs, waits = [], [], [], [], []
-    step_fn, scalars_fn, loader_fn = trainer.train_step, trainer.log.scalars, trainer._loader
+    marks: list[float] = []  # device-synchronised: after step ``warmup`` and after the last step
+    in_step: list[tuple[float, float]] = []
+    waits: list[tuple[float, float]] = []
+    logs: list[tuple[float, float]] = []
+    step_fn, next_fn, log_fn = trainer.train_step, trainer._next_batch, trainer._log_window
+
+    def timed(fn, spans):
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            out = fn(*a, **k)
+            spans.append((t0, time.perf_counter()))
+            return out
+        return wrapper
 
     def train_step(batch):
-        calls.append(time.perf_counter())
-        values = step_fn(batch)
-        rets.append(time.perf_counter())
-        mining.append(values["time/mining_s"])
-        if len(rets) == warmup + steps:
-            raise _Done
-        return values
-
-    def scalars(values, step):
         t0 = time.perf_counter()
-        scalars_fn(values, step)
-        logs.append((t0, time.perf_counter()))
+        step_fn(batch)
+        in_step.append((t0, time.perf_counter()))
+        if len(in_step) in (warmup, warmup + steps):
+            sync(trainer.device)
+            marks.append(time.perf_counter())
+            if len(marks) == 2:
+                raise _Done
 
     # instance attributes shadow the methods; the wrappers only take timestamps
-    trainer.train_step, trainer.log.scalars = train_step, scalars
-    trainer._loader = lambda: _TimedLoader(loader_fn(), waits)
+    trainer.train_step, trainer._next_batch = train_step, timed(next_fn, waits)
+    trainer._log_window = timed(log_fn, logs)
     trainer.epoch = trainer.batch = trainer.step = 0
+    trainer._iter = None
     try:
         trainer._run_epoch()
         raise RuntimeError("the epoch ended before warmup + steps; use a larger dataset (--train-images)")
     except _Done:
         pass
     finally:
-        del trainer.train_step, trainer.log.scalars, trainer._loader
-        gc.collect()  # the aborted DataLoader iterator shuts its workers down
-    w, n = warmup, steps
-    t0, t1 = rets[w - 1], rets[w + n - 1]
+        del trainer.train_step, trainer._next_batch, trainer._log_window
+        trainer._iter = None
+        gc.collect()  # the abandoned DataLoader iterator shuts its workers down
+    t0, t1 = marks
     total = t1 - t0
-    gaps = sum(calls[i] - rets[i - 1] for i in range(w, w + n))  # everything outside train_step
-    wait, logging = _within(waits, t0, t1), _within(logs, t0, t1)
-    return {"pairs_s": trainer.cfg.batch_size * n / total, "step_s": total / n, "wait": wait / total,
-            "mining": sum(mining[w:w + n]) / total, "logging": logging / total,
-            "other": (gaps - wait - logging) / total}
+
+    def within(spans):
+        return sum(b - a for a, b in spans if t0 <= a < t1) / total
+    return {"pairs_s": trainer.cfg.batch_size * steps / total, "step_s": total / steps, "wait": within(waits),
+            "host_step": within(in_step), "log_sync": within(logs)}
 
 
 def mining_alone_s(trainer, reps: int) -> float:
-    """Seconds per call of Trainer._mine on one batch already on the device, synchronised."""
+    """Seconds per call of the eager mining on one batch already on the device, synchronised."""
     batch = trainer.batches[0]
     images = trainer.module.image.normalize(batch["images"].to(trainer.device), trainer.channels_last)
     return time_repeated(lambda: trainer._mine(images, batch), reps, trainer.device, warmup=1)
@@ -126,21 +110,31 @@ def main() -> None:
     ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--stage", type=int, nargs="+", choices=(1, 2), default=[1, 2])
     ap.add_argument("--steps", type=int, default=None, help="measured steps (default 100 on CUDA, 10 on CPU)")
-    ap.add_argument("--warmup", type=int, default=None, help="warm-up steps, >= 1 (default 20 on CUDA, 2 on CPU)")
+    ap.add_argument("--warmup", type=int, default=None, help="warm-up steps, >= 4 with cuda_graph (default 20 on "
+                    "CUDA, 2 on CPU)")
     ap.add_argument("--repeats", type=int, default=1, help="best of R, (a) and (b) interleaved (default 1)")
     ap.add_argument("--model-steps", type=int, default=None, help="steps of (b) (default: --steps)")
     ap.add_argument("--workers", type=int, nargs="+", default=None, help="DataLoader workers (default: config)")
     ap.add_argument("--batch-size", type=int, nargs="+", default=None, help="global batch (default: config)")
+    ap.add_argument("--compile", nargs="+", choices=("off", "cuda_graph"), default=None,
+                    help="step modes (default: off and cuda_graph on CUDA, off on CPU)")
+    ap.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=None,
+                    help="precisions (default: the config's)")
     ap.add_argument("--config", default=None, help="config file; {stage} is replaced by the stage (default "
                     "configs/flickr30k_stage{stage}.yaml on CUDA, configs/demo.yaml on CPU)")
     ap.add_argument("--pretrained", default="none", help="config override (default %(default)s: no weights here)")
     ap.add_argument("--data", type=Path, default=None, help="a prepared directory (default: synthetic, cached)")
     ap.add_argument("--train-images", type=int, default=None,
-                    help=f"synthetic training images = classes (default {FLICKR30K_CLASSES} on CUDA, 600 on CPU, "
-                         "raised to (warmup + steps) x batch when needed)")
+                    help="synthetic training images = classes (default 4096 on CUDA, 600 on CPU, raised to "
+                         "(warmup + steps) x batch when needed)")
+    ap.add_argument("--classifier-classes", type=int, default=None,
+                    help=f"rows of the shared W, at least the data's classes (default {FLICKR30K_CLASSES} on CUDA: "
+                         "Flickr30k's; the data's on CPU)")
     ap.add_argument("--image-size", type=int, default=None, help="synthetic prepared size (default 256 for 224, 72 for 64 "
                     "crops, 144 for 128 crops)")
     ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="synthetic data cache (default %(default)s)")
+    ap.add_argument("--validate", action="store_true", help="also time one validation pass (the second of two) of "
+                    "the first Trainer: the val split's images and captions, as each epoch's end runs it")
     add_output_args(ap)
     args = ap.parse_args()
     if (args.warmup is not None and args.warmup < 1) or (args.steps is not None and args.steps < 1):
@@ -151,82 +145,114 @@ def main() -> None:
     args.steps = args.steps or (100 if cuda else 10)
     args.warmup = args.warmup or (20 if cuda else 2)
     args.config = args.config or ("configs/flickr30k_stage{stage}.yaml" if cuda else "configs/demo.yaml")
+    modes = args.compile or (["off", "cuda_graph"] if cuda else ["off"])
     from engine.config import load_config
+    from engine.step import GRAPH_WARMUP
 
+    if "cuda_graph" in modes and args.warmup <= GRAPH_WARMUP:
+        ap.error(f"--warmup must exceed the {GRAPH_WARMUP} eager steps before the capture")
     stages = sorted(set(args.stage))
     base = load_config(common.config_path(args.config, stages[0]), {"pretrained": args.pretrained},
                        stage=stages[0])
     batch_sizes = args.batch_size or [base.batch_size]
+    precisions = args.precision or [base.precision]
     worker_counts = sorted(set(args.workers or [base.workers]))
     needed = (args.warmup + args.steps) * max(batch_sizes)
     data = args.data
     if data is None:
-        n_train = max(args.train_images or (FLICKR30K_CLASSES if cuda else 600), needed)
+        n_train = max(args.train_images or (4096 if cuda else 600), needed)
         data = synthetic_prepared(n_train, args.image_size or default_image_size(base.train_crop), args.cache)
+    classes = args.classifier_classes or (FLICKR30K_CLASSES if cuda else 0)
     dev = device()
-    rows = []
-    with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp:
+    rows: list[list] = []
+    val_note: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="bench_train_") as tmp, pad_classifier(classes):
         for bs in batch_sizes:
             ckpt1 = None
             for stage in stages:
-                run = Path(tmp) / f"b{bs}_s{stage}"
-                overrides = {"pretrained": args.pretrained, "batch_size": bs}
-                trainer = build_trainer(args.config, stage, data, run, overrides, stage1_ckpt=ckpt1)
-                if stage == 1 and 2 in stages:
-                    trainer.save()
-                    ckpt1 = run / "checkpoint_last.pt"
-                cfg = trainer.cfg
-                if len(trainer.batches) < args.warmup + args.steps:
-                    raise SystemExit(f"{data}: {len(trainer.batches)} batches of {bs} per epoch < warmup + steps")
-                loops: dict[int, list] = {w: [] for w in worker_counts}
-                models = []
-                model_step = model_step_fn(trainer, trainer.batches[0])
-                for _ in range(args.repeats):  # interleaved, so that a change of load hits (a) and (b) alike
-                    for w in worker_counts:
-                        trainer.cfg.workers = w
-                        loops[w].append(measure_loop(trainer, args.warmup, args.steps))
-                        print(f"stage {stage} batch {bs} workers {w}: loop {loops[w][-1]['pairs_s']:.1f} pairs/s",
-                              flush=True)
-                    models.append(bs / time_repeated(model_step, args.model_steps or args.steps, dev,
-                                                     warmup=min(args.warmup, 5)))
-                    print(f"stage {stage} batch {bs}: model step {models[-1]:.1f} pairs/s", flush=True)
-                model = max(models)
-                hard = stage == 2 and cfg.negatives == "hard"
-                mine = mining_alone_s(trainer, max(3, args.steps // 4)) if hard else 0.0
-                for w in worker_counts:
-                    m = max(loops[w], key=lambda r: r["pairs_s"])
-                    ratio = m["pairs_s"] / model
-                    rows.append([stage, bs, w, f"{m['pairs_s']:.1f}", f"{model:.1f}", f"{100 * ratio:.0f} %",
-                                 "yes" if ratio >= 0.8 else "**no**", f"{100 * m['wait']:.1f} %",
-                                 f"{100 * m['mining']:.1f} %" if hard else "–",
-                                 f"{1000 * mine:.1f} ms = {100 * mine / m['step_s']:.1f} %" if hard else "–",
-                                 f"{100 * m['logging']:.1f} %", f"{100 * m['other']:.1f} %"])
-                del trainer
-                gc.collect()
-                if cuda:
-                    torch.cuda.empty_cache()
+                for precision in precisions:
+                    for mode in modes:
+                        run = Path(tmp) / f"b{bs}_s{stage}_{precision}_{mode}"
+                        overrides = {"pretrained": args.pretrained, "batch_size": bs, "compile": mode,
+                                     "precision": precision}
+                        trainer = build_trainer(args.config, stage, data, run, overrides, stage1_ckpt=ckpt1)
+                        if stage == 1 and 2 in stages and ckpt1 is None:
+                            trainer.save()
+                            ckpt1 = run / "checkpoint_last.pt"
+                        rows += measure(trainer, args, worker_counts, dev, stage, bs, precision, mode)
+                        if args.validate and not val_note:
+                            val_note.append(validation_note(trainer))
+                        del trainer
+                        gc.collect()
+                        if cuda:
+                            torch.cuda.empty_cache()
     from engine.data import Prepared
 
     p = Prepared(data)
     cand = load_config(common.config_path(args.config, 2), {}, stage=2).num_candidates if 2 in stages else "–"
-    precision = (("bf16 autocast" if base.precision in ("auto", "bf16") else base.precision)
-                 + (" + channels_last" if base.channels_last else "")) if cuda else "fp32"
     title = (f"{Path(args.config).name}: {base.arch}, crop {base.train_crop}, feature {base.feature_dim}, text "
-             f"width {base.text_width}, {p.num_classes} classes, {precision}, "
-             f"{args.steps} steps after {args.warmup} warm-up, best of {args.repeats}, {dev.type}")
+             f"width {base.text_width}, W {max(classes, p.num_classes)} classes"
+             f"{' + channels_last' if base.channels_last and cuda else ''}, {args.steps} steps after "
+             f"{args.warmup} warm-up, best of {args.repeats}, {dev.type}")
     kind = "synthetic, Flickr30k formats" if args.data is None else p.manifest.get("dataset")
-    notes = [f"Data: {data} ({kind}, {len(p.split_images('train'))} training images, prepared "
-             f"at {p.manifest.get('image_resize', {}).get('size')} px); pretrained {args.pretrained}; hard-negative "
-             f"candidates {cand}; prefetch_factor {base.prefetch_factor}, log_every "
-             f"{base.log_every}.",
-             "(a) = Trainer._run_epoch as is (real DataLoader, mining, logging); (b) = the same model's forward + "
-             "backward + optimizer step on one batch already on the device. Fractions are of (a)'s loop time; "
-             "'data wait' = time in next() of the Trainer's DataLoader; 'mining' = the Trainer's own clock (not "
-             "CUDA-synchronised); 'mining alone' = Trainer._mine timed synchronised, as a share of (a)'s step time; "
-             "'other' = the rest outside train_step (progress bar, stop-signal check)."]
-    lines = table(["stage", "batch", "workers", "(a) loop pairs/s", "(b) model step pairs/s", "a/b", ">= 80 %",
-                   "data wait", "mining", "mining alone", "logging", "other"], rows, "r" * 12)
+    notes = [f"Data: {data} ({kind}, {len(p.split_images('train'))} training images = classes, prepared at "
+             f"{p.manifest.get('image_resize', {}).get('size')} px; the shared W padded to {max(classes, p.num_classes)}"
+             f" rows); pretrained {args.pretrained}; hard-negative candidates {cand}; prefetch_factor "
+             f"{base.prefetch_factor}, log_every {base.log_every}.",
+             "(a) = Trainer._run_epoch as is (one DataLoader iterator, the step, statistics read every log_every "
+             "steps); (b) = the same Trainer's step (same mode, mining included) on one batch already on the device. "
+             "Fractions are of (a)'s synchronised window: 'data wait' = in the loader's next(); 'host in step' = "
+             "the host inside train_step (launching); 'log + sync' = reading the statistics; 'mining alone' = the "
+             "eager mining timed synchronised, as a share of (a)'s step time.", *val_note]
+    lines = table(["stage", "batch", "compile", "precision", "workers", "(a) loop pairs/s", "(b) model step pairs/s",
+                   "a/b", ">= 90 %", "data wait", "host in step", "log + sync", "mining alone"], rows, "r" * 13)
     report(args, HEADING, title, notes, lines)
+
+
+def validation_note(trainer) -> str:
+    """One validation pass (engine.loop.validate, as at an epoch's end), timed the second time (cuDNN autotuned)."""
+    from engine.loop import validate
+
+    n_img, n_cap = len(trainer.data.split_images("val")), len(trainer.data.split_captions("val"))
+    times = []
+    for _ in range(2):
+        t0 = time.perf_counter()
+        validate(trainer.module, trainer.data, trainer.cfg, trainer.device, trainer.channels_last)
+        sync(trainer.device)
+        times.append(time.perf_counter() - t0)
+    trainer.model.train()
+    return (f"Validation pass ({trainer.cfg.arch}, {n_img} val images, {n_cap} captions, every position shift; "
+            f"eval_batch_size {trainer.cfg.eval_batch_size}): {times[1]:.2f} s (first {times[0]:.2f} s).")
+
+
+def measure(trainer, args, worker_counts, dev, stage, bs, precision, mode) -> list[list]:
+    """Rows of one Trainer: (a) per worker count, (b), mining alone."""
+    if len(trainer.batches) < args.warmup + args.steps:
+        raise SystemExit(f"{len(trainer.batches)} batches of {bs} per epoch < warmup + steps")
+    loops: dict[int, list] = {w: [] for w in worker_counts}
+    models = []
+    model_step = model_step_fn(trainer, trainer.batches[0])
+    for _ in range(args.repeats):  # interleaved, so that a change of load hits (a) and (b) alike
+        for w in worker_counts:
+            trainer.cfg.workers = w
+            loops[w].append(measure_loop(trainer, args.warmup, args.steps))
+            print(f"stage {stage} batch {bs} {mode} {precision} workers {w}: loop {loops[w][-1]['pairs_s']:.1f} "
+                  f"pairs/s", flush=True)
+        models.append(bs / time_repeated(model_step, args.model_steps or args.steps, dev,
+                                         warmup=min(args.warmup, 5)))
+        print(f"stage {stage} batch {bs} {mode} {precision}: model step {models[-1]:.1f} pairs/s", flush=True)
+    model = max(models)
+    hard = stage == 2 and trainer.cfg.negatives == "hard"
+    mine = mining_alone_s(trainer, max(3, args.steps // 4)) if hard else 0.0
+    rows = []
+    for w in worker_counts:
+        m = max(loops[w], key=lambda r: r["pairs_s"])
+        ratio = m["pairs_s"] / model
+        rows.append([stage, bs, mode, precision, w, f"{m['pairs_s']:.1f}", f"{model:.1f}", f"{100 * ratio:.0f} %",
+                     "yes" if ratio >= 0.9 else "**no**", f"{100 * m['wait']:.1f} %", f"{100 * m['host_step']:.0f} %",
+                     f"{100 * m['log_sync']:.1f} %",
+                     f"{1000 * mine:.1f} ms = {100 * mine / m['step_s']:.1f} %" if hard else "–"])
+    return rows
 
 
 if __name__ == "__main__":

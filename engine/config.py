@@ -24,6 +24,7 @@ CHOICES: dict[str, tuple] = {
     "stage": (1, 2),
     "backbone_bn": ("paper", "update"),
     "backbone_style": ("auto", "torchvision", "caffe"),
+    "compile": ("auto", "off", "cuda_graph"),
 }
 
 
@@ -76,6 +77,9 @@ class Config:
     precision: str = "fp32"  # the paper's (TF32 matmuls on GPUs that have them); bf16 = autocast, a speed option whose
     # effect on the paper's numbers is unmeasured; auto = bf16 on CUDA, fp32 on CPU; fp16 (+ loss scaler) pre-Ampere
     channels_last: bool = True  # CUDA only
+    # the training step (engine/step.py): "cuda_graph" captures it once and replays it (one launch per step);
+    # "auto" = cuda_graph on one CUDA process outside fp16, else "off" (eager); may change on resume
+    compile: str = "auto"
     eval_batch_size: int = 64
     log_every: int = 10  # steps between TensorBoard scalar writes
 

@@ -186,7 +186,17 @@ class TrainBatches(Dataset):
         img = train_image(self.data.image_path(row), rng, self.spec.crop)
         return img, self._tokens(self._caption(cls, rng), rng), cls
 
-    def __getitem__(self, b: int) -> dict[str, torch.Tensor]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, torch.Tensor]:
+        """``key``: a batch index of the current epoch, or ``(epoch, b)`` (``RunSampler``; the batch then carries
+        ``key`` = [epoch, b], which the trainer checks against its own position)."""
+        if isinstance(key, tuple):
+            self.epoch, b = key  # in a worker: this process's copy of the dataset
+            batch = self._batch(b)
+            batch["key"] = torch.tensor(key)
+            return batch
+        return self._batch(key)
+
+    def _batch(self, b: int) -> dict[str, torch.Tensor]:
         s = self.spec
         perm = self.permutation()
         start = b * s.batch_size
@@ -253,6 +263,23 @@ class TrainBatches(Dataset):
                                                  for r in replace_rows])
             out["replace_labels"] = torch.from_numpy(self.image_class[replace_rows].astype(np.int64))
         return out
+
+
+class RunSampler:
+    """The ``(epoch, batch)`` keys from a position to the end of the run, in order: ONE DataLoader iterator (and one
+    set of workers) serves every remaining epoch, prefetching across epoch ends and validation. A batch being a pure
+    function of (seed, epoch, batch), resuming at (epoch, batch) continues exactly."""
+
+    def __init__(self, n_batches: int, epochs: int, epoch: int, batch: int) -> None:
+        self.n_batches, self.epochs, self.epoch, self.batch = n_batches, epochs, epoch, batch
+
+    def __iter__(self):
+        for e in range(self.epoch, self.epochs):
+            for b in range(self.batch if e == self.epoch else 0, self.n_batches):
+                yield e, b
+
+    def __len__(self) -> int:
+        return max(0, (self.epochs - self.epoch) * self.n_batches - self.batch)
 
 
 # ---------------------------------------------------------------------------------------------- evaluation data

@@ -3,9 +3,10 @@
 Decisions (README "Multi-GPU"):
 * ``batch_size`` is the GLOBAL batch (the paper's 32); each of the R ranks gets a disjoint 1/R of every global batch
   (``TrainBatches`` slices the same seeded permutation), so R GPUs train on exactly the batches one GPU would.
-* BatchNorm statistics are computed over the global batch: every BN layer is replaced by ``GlobalBatchNorm``, which
-  all-reduces the per-channel sums (differentiably, ``_AllReduceSum``), so with R ranks the forward and
-  backward equal the single-process ones on the combined batch (works with gloo on CPU and NCCL on GPU).
+* BatchNorm statistics are computed over the global batch, so with R ranks the forward and backward equal the
+  single-process ones on the combined batch: on NCCL (GPUs) every BN layer becomes PyTorch's ``SyncBatchNorm``
+  (fused CUDA kernels, one all-gather per layer); on gloo (CPU, where SyncBatchNorm does not run) our
+  ``GlobalBatchNorm``, which all-reduces the per-channel sums (differentiably, ``_AllReduceSum``).
 * The shared W is an ordinary dense parameter: DDP all-reduces its gradient (0.93 GB fp32 for MSCOCO's 113,287
   classes; the all-reduce is bucketed and overlapped with the backward). Every rank holds the whole W.
 * Hard-negative mining is local: each rank mines the hardest of its own 256 candidates for its own anchors (the
@@ -105,6 +106,22 @@ def convert_batchnorm(module: nn.Module) -> nn.Module:
     return module
 
 
+def global_batchnorm(module: nn.Module) -> nn.Module:
+    """Batch statistics over all ranks, in place: ``SyncBatchNorm`` on NCCL, ``GlobalBatchNorm`` elsewhere. The
+    layers keep their parameter and buffer objects (the optimizer already holds them) and their momentum."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return nn.SyncBatchNorm.convert_sync_batchnorm(module)
+    return convert_batchnorm(module)
+
+
+def all_reduce_min(value: int, device: torch.device) -> int:
+    """The smallest ``value`` over the ranks (a collective: every rank must call it)."""
+    x = torch.tensor([value], dtype=torch.int64, device=device)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(x, op=dist.ReduceOp.MIN)
+    return int(x.item())
+
+
 def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         x = x.clone()
@@ -113,4 +130,5 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-__all__ = ["GlobalBatchNorm", "all_reduce_mean", "barrier", "convert_batchnorm", "init_distributed", "is_main"]
+__all__ = ["GlobalBatchNorm", "all_reduce_mean", "all_reduce_min", "barrier", "convert_batchnorm", "global_batchnorm",
+           "init_distributed", "is_main"]

@@ -30,12 +30,13 @@ def allow_tf32(device: torch.device, precision: str) -> bool:
     return True
 
 
-def autocast(device: torch.device, precision: str):
-    """bf16 autocast on CUDA unless fp32 was asked for; fp32 on CPU unless bf16 was asked for."""
+def autocast(device: torch.device, precision: str, cache: bool = True):
+    """bf16 autocast on CUDA unless fp32 was asked for; fp32 on CPU unless bf16 was asked for. ``cache=False``
+    inside a CUDA graph capture (PyTorch: autocast's weight-cast cache must not outlive the capture)."""
     if precision == "fp16" and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
+        return torch.autocast("cuda", dtype=torch.float16, cache_enabled=cache)
     use_bf16 = precision == "bf16" or (precision == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=cache) if use_bf16 else nullcontext()
 
 
 def _bar(items, show: bool, what: str, total: int, count):

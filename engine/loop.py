@@ -3,8 +3,11 @@ backbone frozen), which losses and lambdas (config), and which batches (``TrainB
 
 Guarantees: full-state checkpoints written atomically every epoch (and every N steps); ``resume`` continues so
 that a run killed at any moment ends with bit-identical weights on CPU; SIGTERM/SIGINT finish the step, write the
-checkpoint and exit cleanly; a non-finite loss stops the run naming the step and the loss terms (the last good
-checkpoint is kept); validation uses the val split only.
+checkpoint and exit cleanly; a non-finite loss stops the run naming the step and the loss terms, and no checkpoint
+is written after it (the last good one is kept); validation uses the val split only.
+
+Speed: the step (``engine/step.py``) never waits on the device; values are read at ``log_every`` steps and before
+checkpoints. One DataLoader iterator serves the whole run (``RunSampler``): workers start once, not per epoch.
 """
 from __future__ import annotations
 
@@ -23,14 +26,15 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from prepare.cli import UserError
-from models import DualPath, build_model, hardest_negatives, param_groups, top1_accuracy, total_loss
+from models import DualPath, build_model, param_groups
 from models.image_cnn import weights_style
 
 from . import checkpoint as ckpt
 from .config import Config, config_from_dict
-from .data import Prepared, TrainBatches, TrainSpec
-from .dist import all_reduce_mean, barrier, convert_batchnorm, init_distributed, is_main
-from .encode import allow_tf32, autocast, encode_split
+from .data import Prepared, RunSampler, TrainBatches, TrainSpec
+from .dist import all_reduce_mean, all_reduce_min, barrier, global_batchnorm, init_distributed, is_main
+from .encode import allow_tf32, encode_split
+from .step import TrainStep, plain_lrs, resolve_mode
 from .logging import RunLogger, retrieval_scalars
 from .metrics import evaluate_retrieval
 from .visualize import retrieval_figures
@@ -39,7 +43,7 @@ DONE = "train_done.json"
 MODEL_KEYS = ("arch", "train_crop", "text_depth", "text_pool", "classifier_bias", "feature_dim", "text_width",
               "backbone_style", "backbone_bn_eps", "backbone_width")  # must match Stage I
 RUNTIME_KEYS = {"workers", "prefetch_factor", "log_every", "eval_batch_size", "checkpoint_every_steps",
-                "val_every"}  # may change on resume; everything else is the recipe
+                "val_every", "compile"}  # may change on resume; everything else is the recipe
 
 
 class NonFiniteLoss(UserError, RuntimeError):
@@ -99,10 +103,11 @@ def make_model(cfg: Config, data: Prepared, init: dict | None) -> tuple[DualPath
     return model, init["pretrained_source"]
 
 
-def validate(module: DualPath, data: Prepared, cfg: Config, device: torch.device
+def validate(module: DualPath, data: Prepared, cfg: Config, device: torch.device, channels_last: bool = False
              ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Val-split retrieval metrics and the encoded features (spec 8.1 test-time features)."""
-    feats = encode_split(module, data, "val", device, batch_size=cfg.eval_batch_size, precision=cfg.precision)
+    feats = encode_split(module, data, "val", device, batch_size=cfg.eval_batch_size, precision=cfg.precision,
+                         channels_last=channels_last)
     directions = ("t2i",) if data.manifest.get("match") == "person" else ("i2t", "t2i")
     t = {k: torch.from_numpy(np.asarray(v)) for k, v in feats.items()}
     metrics = evaluate_retrieval(t["images"].to(device), t["texts"].to(device), t["image_labels"].to(device),
@@ -110,17 +115,22 @@ def validate(module: DualPath, data: Prepared, cfg: Config, device: torch.device
     return metrics, feats
 
 
+
 class Trainer:
     def __init__(self, cfg: Config, data_dir: str | Path, run_dir: str | Path, *, init: str | Path | None = None,
-                 resume: str | None = None) -> None:
+                 resume: str | None = None, graph_factory: Any = None) -> None:
+        """``graph_factory``: tests only (``engine.step.EmulatedGraph`` runs the captured mode's logic on CPU)."""
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.rank, self.world, local_rank = init_distributed()
         self.device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-        self.channels_last = cfg.channels_last and self.device.type == "cuda"
-        if self.device.type == "cuda":
+        cuda = self.device.type == "cuda"
+        self.channels_last = cfg.channels_last and cuda
+        if cuda:
             torch.cuda.set_device(self.device)
             torch.backends.cudnn.benchmark = True
             allow_tf32(self.device, cfg.precision)  # fp32 recipes: TF32 matmuls where the GPU has them
+        self.mode = "cuda_graph" if graph_factory else resolve_mode(cfg.compile, self.device, self.world,
+                                                                      cfg.precision)
         self.log = RunLogger(self.run_dir, enabled=is_main())
         self.data = Prepared(data_dir)
         torch.manual_seed(cfg.seed)  # identical initialisation on every rank
@@ -139,14 +149,17 @@ class Trainer:
             self.module.image.to(memory_format=torch.channels_last)
         groups = param_groups(self.module, cfg.stage, cfg.base_lr, cfg.weight_decay,  # also freezes (Stage I)
                               backbone_bn=cfg.backbone_bn, lr_mults=cfg.lr_mults)
-        self.optimizer = torch.optim.SGD(groups, lr=cfg.base_lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+        # CUDA: the fused SGD kernel (a few launches per step, and it reads device LR tensors in a captured step)
+        self.optimizer = torch.optim.SGD(groups, lr=cfg.base_lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                                         fused=True if cuda else None)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, cfg.lr_factor)
-        fp16 = cfg.precision == "fp16" and self.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16" and cuda)
         self.model: torch.nn.Module = self.module
         if self.world > 1:
-            convert_batchnorm(self.module)
-            self.model = DDP(self.module, device_ids=[local_rank] if self.device.type == "cuda" else None)
+            global_batchnorm(self.module)  # BN statistics over the global batch (SyncBatchNorm on NCCL)
+            self.model = DDP(self.module, device_ids=[local_rank] if cuda else None)
+        self.stepper = TrainStep(cfg, self.module, self.model, self.optimizer, self.scaler, self.device,
+                                 self.channels_last, self.mode, graph_factory)
         self.spec = TrainSpec(stage=cfg.stage, batch_size=cfg.batch_size, crop=cfg.train_crop, seed=cfg.seed,
                               position_shift=cfg.position_shift, negatives=cfg.negatives,
                               num_candidates=cfg.num_candidates, world_size=self.world, rank=self.rank)
@@ -155,20 +168,24 @@ class Trainer:
         self.best: dict[str, Any] = {"rsum": None, "epoch": None}
         self.history: list[dict[str, Any]] = []
         self.stop_signal: int | None = None
+        self._iter: Any = None  # the run's one DataLoader iterator (``_loader``)
         if resume:
             self._resume(resume)
 
     # ------------------------------------------------------------------ checkpoints
     def _state(self, complete: bool = False) -> dict[str, Any]:
-        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
-                "rng": ckpt.rng_state(), "epoch": self.epoch, "batch": self.batch, "step": self.step,
-                "best": self.best, "history": self.history, "config": self.cfg.to_dict(), "stage": self.cfg.stage,
+        optimizer, scheduler = self.optimizer.state_dict(), self.scheduler.state_dict()
+        plain_lrs(optimizer, scheduler)  # the same checkpoint in every step mode
+        return {"model": self.module.state_dict(), "optimizer": optimizer, "scheduler": scheduler,
+                "scaler": self.scaler.state_dict(), "rng": ckpt.rng_state(), "epoch": self.epoch,
+                "batch": self.batch, "step": self.step, "best": self.best, "history": self.history,
+                "config": self.cfg.to_dict(), "stage": self.cfg.stage, "step_mode": self.mode,
                 "pretrained_source": self.pretrained_source, "complete": complete,
                 "data": {k: self.data.manifest.get(k) for k in ("dataset", "num_classes", "vocab_size", "max_len",
                                                                      "dictionary_sha256")}}
 
     def save(self, name: str = ckpt.LAST, complete: bool = False) -> None:
+        self.check_finite()  # never a checkpoint after a non-finite step
         if is_main():
             ckpt.save_atomic(self._state(complete), self.run_dir / name)
         barrier()
@@ -194,85 +211,77 @@ class Trainer:
         self.log.print(f"resumed from {path}: epoch {self.epoch}, batch {self.batch}, step {self.step}")
 
     # ------------------------------------------------------------------ one step
-    def _mine(self, images: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Spec 7.5 steps 2-4: in eval mode, without gradients, the hardest of the candidate captions for each
-        anchor image. The model is put back in train mode afterwards."""
-        h = images.shape[0] // 2
-        cand = batch["cand_tokens"].to(self.device, non_blocking=True)
-        self.module.eval()
-        try:
-            with torch.no_grad(), autocast(self.device, self.cfg.precision):
-                anchor = self.module.image(images[:h])["rank"]  # (h, 2048) post-ReLU
-                pool = self.module.text(cand)["rank"]  # (P, 2048)
-            idx = hardest_negatives(anchor, pool)  # (h,)
-        finally:
-            self.module.train()
-        return cand[idx], batch["cand_labels"].to(self.device)[idx]
+    def train_step(self, batch: dict[str, torch.Tensor]) -> None:
+        """One training step on a loader batch; no host sync (``step_values`` reads its values)."""
+        self.stepper.run(batch)
 
-    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        cfg = self.cfg
-        images = self.module.image.normalize(batch["images"].to(self.device, non_blocking=True), self.channels_last)
-        tokens = batch["tokens"].to(self.device, non_blocking=True)
-        labels = batch["labels"].to(self.device)
-        text_labels = batch["text_labels"].to(self.device)
-        mining = 0.0
-        if cfg.stage == 2 and cfg.negatives == "hard":
-            t0 = time.perf_counter()
-            h = images.shape[0] // 2
-            neg_tokens, neg_labels = self._mine(images, batch)
-            tokens, text_labels = tokens.clone(), text_labels.clone()
-            tokens[h:], text_labels[h:] = neg_tokens, neg_labels
-            mining = time.perf_counter() - t0
-        with autocast(self.device, cfg.precision):
-            out = self.model(images, tokens)
-        loss, terms = total_loss(out, labels, text_labels, lambda_rank=cfg.lambda_rank if cfg.stage == 2 else 0.0,
-                                 lambda_img=cfg.lambda_img, lambda_txt=cfg.lambda_txt, margin=cfg.margin,
-                                 ranking=cfg.ranking_loss)
-        finite = all_reduce_mean(torch.isfinite(loss.detach()).float())
-        if finite.item() < 1:
-            raise NonFiniteLoss(f"non-finite loss at step {self.step} (epoch {self.epoch}, batch {self.batch}): "
-                                + ", ".join(f"{k}={v.item():.6g}" for k, v in terms.items())
-                                + f"; the last good checkpoint ({self.run_dir / ckpt.LAST}) is kept")
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        values = {f"loss/{k}": v.item() for k, v in terms.items()}
-        values["acc/img_top1"] = top1_accuracy(out["img_logits"], labels).item()
-        values["acc/txt_top1"] = top1_accuracy(out["txt_logits"], text_labels).item()
-        values["time/mining_s"] = mining
-        return values
+    def step_values(self) -> dict[str, float]:
+        """The last step's loss terms and accuracies (a host sync: for tests and tools, not the loop)."""
+        return self.stepper.stats.last_values()
+
+    def _mine(self, images: torch.Tensor, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``TrainStep.mine`` on a loader batch: (Yn tokens, Yn labels) for the anchors of ``images``."""
+        return self.stepper.mine(images.to(self.device), batch["cand_tokens"].to(self.device),
+                                 batch["cand_labels"].to(self.device))
+
+    def check_finite(self) -> None:
+        """Raise NonFiniteLoss naming the first non-finite step of this epoch and its terms (one host sync)."""
+        bad = self.stepper.stats.first_non_finite()
+        step = bad[0] if bad else -1
+        if self.world > 1:  # the earliest over the ranks; every rank raises
+            step = all_reduce_min(step if bad else 2 ** 62, self.device)
+            step = -1 if step == 2 ** 62 else step
+        if step < 0:
+            return
+        terms = (", ".join(f"{k}={v:.6g}" for k, v in bad[1].items()) if bad and bad[0] == step
+                 else "non-finite on another rank")
+        raise NonFiniteLoss(f"non-finite loss at step {step} (epoch {self.epoch}, batch "
+                            f"{self.batch - (self.step - step)}): {terms}; the last good checkpoint "
+                            f"({self.run_dir / ckpt.LAST}) is kept")
 
     # ------------------------------------------------------------------ epochs
     def _on_signal(self, signum: int, _frame: Any) -> None:
         self.stop_signal = signum
         self.log.print(f"signal {signal.Signals(signum).name}: finishing this step, then writing a checkpoint")
 
-    def _stop_requested(self) -> bool:
-        """True on every rank as soon as any rank got SIGTERM/SIGINT (all ranks must stop after the same step)."""
+    def _stop_requested(self, at_log: bool) -> bool:
+        """True on every rank once any rank got SIGTERM/SIGINT (all ranks must stop after the same step); with
+        several ranks this needs a collective, so they agree at logging steps only."""
         if self.world == 1:
             return self.stop_signal is not None
+        if not at_log:
+            return False
         flag = torch.tensor(float(self.stop_signal is not None), device=self.device)
         return all_reduce_mean(flag).item() > 0
 
     def _loader(self) -> DataLoader:
-        self.batches.set_epoch(self.epoch)
-        cuda = self.device.type == "cuda"
+        """The batches from (epoch, batch) to the end of the run."""
         kwargs: dict[str, Any] = {}
         if self.cfg.workers > 0:
-            kwargs = {"prefetch_factor": self.cfg.prefetch_factor, "persistent_workers": False,
-                      "worker_init_fn": _ignore_stop_signals}
+            kwargs = {"prefetch_factor": self.cfg.prefetch_factor, "worker_init_fn": _ignore_stop_signals}
         # A private generator: creating the loader must not consume the global torch RNG (dropout), or a resumed
         # run would diverge from an uninterrupted one.
-        return DataLoader(self.batches, batch_size=None, sampler=range(self.batch, len(self.batches)),
-                          num_workers=self.cfg.workers, pin_memory=cuda, generator=torch.Generator(), **kwargs)
+        return DataLoader(self.batches, batch_size=None,
+                          sampler=RunSampler(len(self.batches), self.cfg.epochs, self.epoch, self.batch),
+                          num_workers=self.cfg.workers, pin_memory=self.device.type == "cuda",
+                          generator=torch.Generator(), **kwargs)
+
+    def _next_batch(self) -> dict[str, torch.Tensor]:
+        if self._iter is None:
+            self._iter = iter(self._loader())
+        batch = next(self._iter)
+        key = batch.pop("key").tolist()
+        if key != [self.epoch, self.batch]:
+            raise RuntimeError(f"the loader delivered batch {key}, the trainer is at {[self.epoch, self.batch]}")
+        return batch
 
     def fit(self) -> dict[str, Any]:
         cfg = self.cfg
         if is_main():
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-            self.log.print("resolved config:\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            self.log.print("resolved config:\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+                           + f"step mode: {self.mode}")
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             while self.epoch < cfg.epochs:
@@ -284,41 +293,50 @@ class Trainer:
                 (self.run_dir / DONE).write_text(json.dumps(summary, indent=1))
             return summary
         finally:
+            self._iter = None  # shuts the loader's workers down
             for s, h in old_handlers.items():
                 signal.signal(s, h)
             self.log.close()
+
+    def _log_window(self, n_window: int, t_wait: float, t_start: float) -> tuple[dict[str, float], float]:
+        """Read the window's values from the device (the one sync of the window), check them, write them."""
+        values = self.stepper.stats.read_window()
+        self.check_finite()
+        now = time.perf_counter()
+        elapsed = max(now - t_start, 1e-9)  # from the previous window's sync to this one: the device's time too
+        values["perf/pairs_per_s"] = self.cfg.batch_size * n_window / elapsed
+        values["perf/data_wait_fraction"] = t_wait / elapsed
+        mining = self.stepper.mining_seconds()
+        if mining is not None:
+            values["perf/mining_fraction"] = mining / elapsed
+        for g in self.optimizer.param_groups:
+            values[f"lr/{g['name']}"] = float(g["lr"])
+        self.log.scalars(values, self.step)
+        return values, now
 
     def _run_epoch(self) -> bool:
         """One epoch (or its remainder after a resume). False when stopped by a signal."""
         cfg = self.cfg
         self.model.train()
+        self.stepper.stats.set_step(self.step)
         bar = self.log.progress(len(self.batches), self.batch, f"stage {cfg.stage} epoch {self.epoch + 1}")
-        pairs = self.cfg.batch_size  # global images (= image-text pairs) per step
-        t_wait = t_total = 0.0  # over the logging window
-        n_window = 0
-        t_last = time.perf_counter()
-        for batch in self._loader():
-            t_got = time.perf_counter()
-            values = self.train_step(batch)
+        t_wait, n_window = 0.0, 0
+        t_start = time.perf_counter()
+        while self.batch < len(self.batches):
+            t0 = time.perf_counter()
+            batch = self._next_batch()
+            t_wait += time.perf_counter() - t0
+            self.train_step(batch)
             self.batch += 1
             self.step += 1
-            t_now = time.perf_counter()
-            t_wait += t_got - t_last
-            t_total += t_now - t_last
             n_window += 1
-            t_last = t_now
             bar.update(1)
-            bar.set_postfix(loss=f"{values['loss/total']:.3f}", pairs_s=f"{pairs * n_window / t_total:.1f}")
-            if self.step % cfg.log_every == 0 or self.batch == len(self.batches):
-                values["perf/pairs_per_s"] = pairs * n_window / t_total
-                values["perf/data_wait_fraction"] = t_wait / t_total
-                values["perf/mining_fraction"] = values.pop("time/mining_s") * n_window / t_total
-                for g in self.optimizer.param_groups:
-                    values[f"lr/{g['name']}"] = g["lr"]
-                self.log.scalars(values, self.step)
-                t_wait = t_total = 0.0
-                n_window = 0
-            if self._stop_requested():
+            at_log = self.step % cfg.log_every == 0 or self.batch == len(self.batches)
+            if at_log:
+                values, t_start = self._log_window(n_window, t_wait, t_start)
+                bar.set_postfix(loss=f"{values['loss/total']:.3f}", pairs_s=f"{values['perf/pairs_per_s']:.1f}")
+                t_wait, n_window = 0.0, 0
+            if self._stop_requested(at_log):
                 bar.close()
                 self.save(ckpt.LAST)
                 self.log.print(f"checkpoint written at epoch {self.epoch}, batch {self.batch}; resume with "
@@ -327,6 +345,7 @@ class Trainer:
             if cfg.checkpoint_every_steps and self.step % cfg.checkpoint_every_steps == 0:
                 self.save(ckpt.LAST)
         bar.close()
+        self.check_finite()  # before validating: this epoch's steps were all finite
         self.epoch += 1
         self.batch = 0
         with warnings.catch_warnings():  # the LR is indexed by epoch: an epoch resumed at its very end (no step
@@ -346,7 +365,7 @@ class Trainer:
         """Val-split retrieval on rank 0 (the test split is never touched). True when rsum is a new best."""
         is_best = False
         if is_main() and len(self.data.split_images("val")):
-            metrics, feats = validate(self.module, self.data, self.cfg, self.device)
+            metrics, feats = validate(self.module, self.data, self.cfg, self.device, self.channels_last)
             record["val"] = metrics
             self.log.scalars(retrieval_scalars("val", metrics), self.step)
             for name, grid in retrieval_figures(feats, self.data, k=5).items():  # the same queries every time

@@ -104,6 +104,8 @@ def total_loss(out: dict[str, torch.Tensor], labels_img: torch.Tensor, labels_tx
 
 @torch.no_grad()
 def top1_accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Per-branch top-1 accuracy of the instance classifier (for TensorBoard)."""
+    """Per-branch top-1 accuracy of the instance classifier (for TensorBoard); label -1 ignored. Masked, not indexed:
+    no host sync (a boolean index would read the count), so it runs inside a captured step."""
     keep = labels != IGNORE
-    return (logits[keep].argmax(1) == labels[keep]).float().mean()
+    hits = (logits.argmax(1) == labels) & keep
+    return hits.sum().float() / keep.sum().float()

@@ -41,6 +41,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 import engine.loop as loop  # noqa: E402
+import engine.step as step_mod  # noqa: E402
 from engine import checkpoint as ckpt  # noqa: E402
 from engine.config import Config, load_config  # noqa: E402
 from engine.data import Prepared, TrainBatches, TrainSpec  # noqa: E402
@@ -107,10 +108,14 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory) -> Path:
+    return make_prepared(tmp_path_factory.mktemp("train_data"))
+
+
+def make_prepared(root: Path) -> Path:
+    """48 synthetic images (32 train classes, 8 val, 8 test) prepared at 40 px by the real Flickr30k preparer."""
     from prepare.flickr30k import main as prepare_flickr30k
     from prepare.synthetic import make_synthetic
 
-    root = tmp_path_factory.mktemp("train_data")
     raw = make_synthetic(root / "raw", images=48, val=8, test=8, seed=0)
     out = root / "prepared"
     rc = prepare_flickr30k(["--images", raw["images_dir"], "--captions", raw["captions"], "--split-json",
@@ -173,7 +178,10 @@ def test_stage1_fixed_batch_losses_decrease_backbone_frozen(prepared, tmp_path):
     before = state_copy(trainer.module)
     before_backbone = backbone_state(trainer.module)
     trainer.model.train()
-    logs = [trainer.train_step(batch) for _ in range(8)]
+    logs = []
+    for _ in range(8):
+        trainer.train_step(batch)
+        logs.append(trainer.step_values())
     for term in ("loss/instance_img", "loss/instance_txt", "loss/total"):
         values = [v[term] for v in logs]
         assert all(math.isfinite(x) for x in values), (term, values)
@@ -261,8 +269,9 @@ def test_stage2_mining_picks_argmax_and_restores_train_mode(prepared, stage1, tm
         return module(images_in, tokens_in)
 
     module.train()
-    trainer.model = forward
-    values = trainer.train_step(batch)
+    trainer.stepper.model = forward
+    trainer.train_step(batch)
+    values = trainer.step_values()
     assert math.isfinite(values["loss/rank"])
     assert all(seen["modes"]), "the training forward ran with modules in eval mode"
     assert module.training and all(m.training for m in module.modules()), "mining left the model in eval mode"
@@ -379,7 +388,7 @@ def test_stage2_init_must_match_model_keys(stage1, prepared, tmp_path):
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(prepared, tmp_path, monkeypatch):
     run = tmp_path / "run"
     path = run / ckpt.LAST
-    real = loop.total_loss
+    real = step_mod.total_loss
     calls = []
     at_nan = {}
 
@@ -391,7 +400,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(prepared, tmp_path, monke
             out = dict(out, img_logits=out["img_logits"] * float("nan"))
         return real(out, *args, **kwargs)
 
-    monkeypatch.setattr(loop, "total_loss", total_loss)
+    monkeypatch.setattr(step_mod, "total_loss", total_loss)
     trainer = Trainer(tiny(checkpoint_every_steps=1, dropout=0.5), prepared, run)
     with pytest.raises(NonFiniteLoss) as err:
         trainer.fit()
@@ -413,12 +422,12 @@ def test_nan_loss_cli_exit_code(prepared, tmp_path, monkeypatch, capsys):
     """The CLI reports a NonFiniteLoss as an error (exit 2), not a traceback."""
     from engine import train_cli
 
-    real = loop.total_loss
+    real = step_mod.total_loss
 
     def total_loss(out, *args, **kwargs):
         return real(dict(out, txt_logits=out["txt_logits"] * float("inf")), *args, **kwargs)
 
-    monkeypatch.setattr(loop, "total_loss", total_loss)
+    monkeypatch.setattr(step_mod, "total_loss", total_loss)
     rc = train_cli.main(1, ["--config", str(ROOT / "configs/demo.yaml"), "--data", str(prepared), "--out",
                             str(tmp_path / "run"), *cli_args(CLI_OVERRIDES)])
     assert rc == 2
@@ -613,7 +622,8 @@ def ddp_worker(data: str, out: str) -> None:
                 "all_global_bn": all(t is GlobalBatchNorm for t in bns) and len(bns) > 0},
                out_dir / f"batch{trainer.rank}.pt")
     trainer.model.train()
-    values = trainer.train_step(batch)
+    trainer.train_step(batch)
+    values = trainer.step_values()
     if trainer.rank == 0:
         torch.save({"model": trainer.module.state_dict(), "values": values}, out_dir / "step.pt")
     trainer.log.close()
@@ -717,10 +727,9 @@ def test_resume_at_the_very_end_of_an_epoch(prepared, tmp_path):
     real_step = t.train_step
 
     def step_then_stop(batch):
-        values = real_step(batch)
+        real_step(batch)
         if t.step == STEPS_PER_EPOCH - 1:  # the epoch's last step (the counter moves after train_step)
             t.stop_signal = signal.SIGTERM
-        return values
 
     t.train_step = step_then_stop
     assert t.fit()["stopped"]

@@ -1,0 +1,75 @@
+#!/usr/bin/env bash
+# Every GPU figure of the training-speed work in one run (a GPU host; ~8 min on one H200):
+#   bash bench/gpu_check.sh [all|mechanics|speed|rows|demo]... [--out DIR]
+# mechanics: the CUDA tests of the captured step (tests/test_cuda_step.py), eager vs captured parity over 200 steps
+#            of the Flickr30k Stage II recipe (bench/graph_parity.py);
+# speed:     ResNet-50 Flickr30k recipes at the paper's batch of 32, eager and captured, fp32 (TF32) and bf16, and
+#            captured at 128 and 256 (bench/train_throughput.py), plus one validation pass;
+# rows:      the other recipe rows at batch 32, captured: ResNet-152 and VGG-19 (Flickr30k), ResNet-50 with MSCOCO's
+#            W (113,287 classes), VGG-16 (CUHK-PEDES, random negatives);
+# demo:      scripts/demo.sh end to end, timed.
+# Tables are appended to DIR/BENCHMARKS.md (default: the repository's BENCHMARKS.md), logs to DIR/*.log. Runs with
+# the python on PATH (or .venv's); a failing part does not stop the others; exit 1 if any failed.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+PARTS=(); OUTDIR=""
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --out) OUTDIR="$2"; shift 2 ;;
+    all|mechanics|speed|rows|demo) PARTS+=("$1"); shift ;;
+    *) echo "usage: bash bench/gpu_check.sh [all|mechanics|speed|rows|demo]... [--out DIR]" >&2; exit 2 ;;
+  esac
+done
+[ ${#PARTS[@]} -gt 0 ] || PARTS=(all)
+[[ " ${PARTS[*]} " == *" all "* ]] && PARTS=(mechanics speed rows demo)
+PY="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
+OUTDIR="${OUTDIR:-.}"; mkdir -p "$OUTDIR"
+MD="$OUTDIR/BENCHMARKS.md"; [ "$OUTDIR" = . ] && MD=BENCHMARKS.md
+[ -f "$MD" ] || cp BENCHMARKS.md "$MD"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+NPROC=$(nproc); WORKERS=$(( NPROC > 2 ? NPROC - 2 : 1 ))
+FAILED=()
+run() {  # run NAME SECONDS CMD...: one piece, time-limited, logged, failure recorded
+  local name="$1" limit="$2"; shift 2
+  echo; echo "=== $name (limit ${limit}s): $* [$(date +%H:%M:%S)]"
+  local t0=$SECONDS
+  timeout "$limit" "$@" 2>&1 | tee "$OUTDIR/$name.log"
+  local rc=${PIPESTATUS[0]}
+  echo "=== $name: exit $rc after $((SECONDS - t0)) s"
+  [ "$rc" -eq 0 ] || FAILED+=("$name")
+}
+"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))" \
+  || { echo "no CUDA device: this script measures GPUs"; exit 1; }
+TT=(bench/train_throughput.py --output "$MD" --workers "$WORKERS")
+# the shared synthetic set (4,096 training images at 256 px + 500 val/test), built once, in the background
+"$PY" -c "import sys; sys.path.insert(0, 'bench'); import common; common.synthetic_prepared(4096, 256, holdout=500)" \
+  > "$OUTDIR/data.log" 2>&1 &
+DATA_PID=$!
+for part in "${PARTS[@]}"; do
+  case "$part" in
+    mechanics)
+      run cuda_tests 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_step.py
+      wait $DATA_PID
+      run parity 150 "$PY" bench/graph_parity.py --output "$MD" ;;
+    speed)
+      wait $DATA_PID
+      run speed_b32 240 "${TT[@]}" --steps 60 --warmup 15 --batch-size 32 --validate
+      run speed_bf16 120 "${TT[@]}" --steps 60 --warmup 15 --batch-size 32 --compile cuda_graph --precision bf16
+      # one epoch of the 4,096-image set holds 32 batches of 128 and 16 of 256: warm-up + steps fit in it
+      run speed_b128 120 "${TT[@]}" --steps 24 --warmup 8 --batch-size 128 --compile cuda_graph
+      run speed_b256 120 "${TT[@]}" --steps 12 --warmup 4 --batch-size 256 --compile cuda_graph ;;
+    rows)
+      wait $DATA_PID
+      for cfg in flickr30k_resnet152 flickr30k_vgg19 cuhk_pedes_vgg16; do
+        run "row_$cfg" 150 "${TT[@]}" --steps 30 --warmup 10 --compile cuda_graph --config "configs/${cfg}_stage{stage}.yaml"
+      done
+      run row_coco_resnet50 150 "${TT[@]}" --steps 30 --warmup 10 --compile cuda_graph \
+        --config "configs/coco_stage{stage}.yaml" --classifier-classes 113287 ;;
+    demo)
+      run demo 240 bash -c "time bash scripts/demo.sh runs/demo_gpu" ;;
+  esac
+done
+wait
+echo
+[ ${#FAILED[@]} -eq 0 ] && { echo "gpu_check: all parts done; tables in $MD"; exit 0; }
+echo "gpu_check: FAILED: ${FAILED[*]} (logs in $OUTDIR)"; exit 1

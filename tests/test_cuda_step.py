@@ -1,0 +1,120 @@
+"""The captured training step on a real GPU (skipped without CUDA; run by bench/gpu_check.sh on a GPU host).
+
+Tiny models, so the comparison is about the mechanics, not speed: ``compile: cuda_graph`` against eager over 20
+steps of Stage I and Stage II (mining, dropout, an LR drop after step 8): one capture per run, the LR schedule seen
+without a re-capture, losses and weights equal to eager within float tolerance; a non-finite J is caught with its
+step under capture; bf16 autocast captures; the whole loop (one loader iterator, pinned copies, statistics read at
+log steps, validation between epochs) runs captured and resumes into eager.
+"""
+from __future__ import annotations
+
+import math
+
+import models  # noqa: F401  (torchvision guard first)
+import pytest
+import torch
+
+import engine.step as step_mod
+from engine import checkpoint as ckpt
+from engine.loop import NonFiniteLoss, Trainer
+from tests.test_step import SCHEDULE, sync_free, train_20
+from tests.test_training import STAGE2, STEPS_PER_EPOCH, make_prepared, tiny
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    return make_prepared(tmp_path_factory.mktemp("cuda_data"))
+
+
+@pytest.fixture(scope="module")
+def stage1_ckpt(prepared, tmp_path_factory):
+    run = tmp_path_factory.mktemp("s1")
+    t = Trainer(tiny(compile="off"), prepared, run)
+    t.save()
+    t.log.close()
+    return run / ckpt.LAST
+
+
+def close(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / a.float().norm().clamp_min(1e-12))
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_captured_equals_eager_on_cuda(prepared, stage1_ckpt, tmp_path, stage, monkeypatch):
+    captures = []
+    real = step_mod.CudaGraph
+
+    def factory():
+        captures.append(1)
+        return real()
+
+    cfg = {"lr_schedule": SCHEDULE, "dropout": 0.5, **(STAGE2 if stage == 2 else {})}
+    init = stage1_ckpt if stage == 2 else None
+    runs = {}
+    for mode in ("off", "cuda_graph"):
+        torch.backends.cudnn.deterministic = True  # the same convolution algorithms in both runs
+        t = Trainer(tiny(**cfg, compile=mode), prepared, tmp_path / mode, init=init,
+                    graph_factory=factory if mode == "cuda_graph" else None)
+        assert t.mode == mode
+        runs[mode] = (train_20(t, sync_free(t)), {k: v.clone() for k, v in t.module.state_dict().items()}, t)
+        t.log.close()
+    torch.backends.cudnn.deterministic = False
+    assert len(captures) == 1
+    (eager_logs, eager_w, eager_t), (graph_logs, graph_w, graph_t) = runs["off"], runs["cuda_graph"]
+    assert isinstance(graph_t.stepper.graph, real) and graph_t.stepper.warm == step_mod.GRAPH_WARMUP
+    for i, (a, b) in enumerate(zip(eager_logs, graph_logs)):
+        for k in a:
+            assert math.isfinite(b[k]) and b[k] == pytest.approx(a[k], rel=1e-3, abs=1e-4), (i, k, a[k], b[k])
+    for k, v in eager_w.items():
+        if v.is_floating_point():
+            assert close(v, graph_w[k]) < 1e-3, k
+    lrs = [float(g["lr"]) for g in graph_t.optimizer.param_groups]
+    assert lrs == pytest.approx([float(g["lr"]) for g in eager_t.optimizer.param_groups])
+    assert lrs[0] == pytest.approx(graph_t.optimizer.param_groups[0]["initial_lr"] * 0.1)
+
+
+def test_non_finite_is_caught_under_capture(prepared, tmp_path, monkeypatch):
+    real = step_mod.total_loss
+    calls = []
+
+    def total_loss(out, *args, **kwargs):  # python runs only in the eager warm-up and the capture: poison the
+        calls.append(1)                    # captured graph itself, so every replay is non-finite
+        if len(calls) > step_mod.GRAPH_WARMUP:
+            out = dict(out, img_logits=out["img_logits"] * float("nan"))
+        return real(out, *args, **kwargs)
+
+    monkeypatch.setattr(step_mod, "total_loss", total_loss)
+    t = Trainer(tiny(compile="cuda_graph", log_every=2, checkpoint_every_steps=2, lr_schedule=[[2, 1.0]]), prepared,
+                tmp_path / "run")
+    with pytest.raises(NonFiniteLoss, match=rf"non-finite loss at step {step_mod.GRAPH_WARMUP} \(epoch 0, batch 3\)"):
+        t.fit()
+    state = ckpt.load(tmp_path / "run" / ckpt.LAST)
+    assert state["step"] == 2  # the checkpoint after step 2 (steps 0-1) is the last one
+
+
+def test_bf16_captures(prepared, tmp_path):
+    t = Trainer(tiny(compile="cuda_graph", precision="bf16", dropout=0.5), prepared, tmp_path / "run")
+    logs = train_20(t, sync_free(t))
+    assert t.stepper.graph is not None and all(math.isfinite(v["loss/total"]) for v in logs)
+
+
+def test_whole_loop_captured_then_resumed_eager(prepared, stage1_ckpt, tmp_path):
+    run = tmp_path / "run"
+    cfg = tiny(**{**STAGE2, "lr_schedule": [[2, 1.0], [1, 0.1]], "workers": 2, "log_every": 3})
+    first = Trainer(tiny(**{**cfg.to_dict(), "compile": "cuda_graph"}), prepared, run, init=stage1_ckpt)
+    real_step = first.train_step
+
+    def step_then_stop(batch):
+        real_step(batch)
+        if first.step == 2 * STEPS_PER_EPOCH + 1:
+            first.stop_signal = 15
+    first.train_step = step_then_stop
+    assert first.fit()["stopped"] and first.stepper.graph is not None
+    state = ckpt.load(run / ckpt.LAST)
+    assert state["step_mode"] == "cuda_graph" and len(state["history"]) == 2 and "val" in state["history"][-1]
+    resumed = Trainer(tiny(**{**cfg.to_dict(), "compile": "off"}), prepared, run, init=stage1_ckpt, resume="auto")
+    summary = resumed.fit()
+    assert summary["steps"] == 3 * STEPS_PER_EPOCH and resumed.mode == "off"
+    assert all(torch.isfinite(v).all() for v in resumed.module.state_dict().values() if v.is_floating_point())

@@ -1,0 +1,291 @@
+"""The sync-free training step and its captured mode (engine/step.py), on CPU.
+
+* The step the loop runs (device-side statistics, no host sync) trains exactly like the reference step written out
+  below, which reads J back and checks it before the backward (the pre-2026-12-04 step): bit-identical loss terms
+  and weights over 20 steps of Stage I and of Stage II with hard-negative mining and dropout, LR schedule included.
+* The captured mode's logic (static input buffers, LR tensors filled by the scheduler, statistics in place), run
+  with ``EmulatedGraph``: one capture for the whole run, and bit-identical to eager over the same 20 steps.
+* A non-finite J at step k stops the run at the next logging step or checkpoint with the step, epoch, batch and
+  terms of step k; no checkpoint is written after step k (eager and captured).
+* Resuming across a change of ``compile`` continues exactly; checkpoints hold plain float LRs in every mode.
+* One DataLoader iterator (one set of workers) for the whole run; ``RunSampler`` keys; the mode resolution.
+"""
+from __future__ import annotations
+
+import math
+
+import models  # noqa: F401  (torchvision guard first)
+import numpy as np
+import pytest
+import torch
+
+import engine.step as step_mod
+from engine import checkpoint as ckpt
+from engine.config import CHOICES, Config
+from engine.data import RunSampler
+from engine.loop import NonFiniteLoss, Trainer
+from engine.step import EmulatedGraph, StepStats, resolve_mode
+from models import top1_accuracy, total_loss
+from prepare.cli import UserError
+from tests.test_training import STAGE2, STEPS_PER_EPOCH, make_prepared, tiny
+
+SCHEDULE = [[2, 1.0], [3, 0.1]]  # 5 epochs of 4 steps = 20 steps, the LR falls tenfold after step 8
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory):
+    return make_prepared(tmp_path_factory.mktemp("step_data"))  # test_training's tiny data
+
+
+@pytest.fixture(scope="module")
+def stage1_ckpt(prepared, tmp_path_factory):
+    run = tmp_path_factory.mktemp("s1")
+    t = Trainer(tiny(), prepared, run)
+    t.save()
+    t.log.close()
+    return run / ckpt.LAST
+
+
+def reference_step(t: Trainer, batch: dict) -> dict[str, float]:
+    """The step as it was written before it became sync-free: J read back and checked before the backward."""
+    cfg, dev = t.cfg, t.device
+    images = t.module.image.normalize(batch["images"].to(dev))
+    tokens, labels, text_labels = batch["tokens"].to(dev), batch["labels"].to(dev), batch["text_labels"].to(dev)
+    if cfg.stage == 2 and cfg.negatives == "hard":
+        h = images.shape[0] // 2
+        neg_tokens, neg_labels = t._mine(images, batch)
+        tokens, text_labels = tokens.clone(), text_labels.clone()
+        tokens[h:], text_labels[h:] = neg_tokens, neg_labels
+    out = t.model(images, tokens)
+    loss, terms = total_loss(out, labels, text_labels, lambda_rank=cfg.lambda_rank if cfg.stage == 2 else 0.0,
+                             lambda_img=cfg.lambda_img, lambda_txt=cfg.lambda_txt, margin=cfg.margin,
+                             ranking=cfg.ranking_loss)
+    assert torch.isfinite(loss).item()
+    t.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    t.optimizer.step()
+    return {f"loss/{k}": v.item() for k, v in terms.items()}
+
+
+def train_20(t: Trainer, step_fn) -> list[dict[str, float]]:
+    """20 steps over 5 epochs of the same batches, the scheduler stepped at each epoch end (as the loop does)."""
+    t.model.train()
+    logs = []
+    for epoch in range(5):
+        for b in range(STEPS_PER_EPOCH):
+            batch = t.batches[(epoch, b)]
+            batch.pop("key")
+            logs.append(step_fn(batch))
+        t.scheduler.step()
+    return logs
+
+
+def sync_free(t: Trainer):
+    def step(batch):
+        t.train_step(batch)
+        return t.step_values()
+    return step
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_sync_free_and_captured_steps_equal_the_reference_step(prepared, stage1_ckpt, tmp_path, stage):
+    cfg = tiny(**{"lr_schedule": SCHEDULE, "dropout": 0.5, **(STAGE2 if stage == 2 else {})})
+    init = stage1_ckpt if stage == 2 else None
+    runs = {}
+    captures = []
+
+    def factory():
+        captures.append(1)
+        return EmulatedGraph()
+
+    for name in ("reference", "sync_free", "captured"):
+        t = Trainer(cfg, prepared, tmp_path / name, init=init, graph_factory=factory if name == "captured" else None)
+        logs = train_20(t, (lambda b, t=t: reference_step(t, b)) if name == "reference" else sync_free(t))
+        runs[name] = (logs, {k: v.clone() for k, v in t.module.state_dict().items()}, t)
+        t.log.close()
+    ref_logs, ref_state, ref_t = runs["reference"]
+    assert len(ref_logs) == 20 and all(math.isfinite(v["loss/total"]) for v in ref_logs)
+    assert float(ref_t.optimizer.param_groups[0]["lr"]) != ref_t.optimizer.param_groups[0]["initial_lr"]
+    for name in ("sync_free", "captured"):
+        logs, state, t = runs[name]
+        for i, (a, b) in enumerate(zip(ref_logs, logs)):
+            assert {k: a[k] for k in a} == {k: b[k] for k in a}, (name, i)  # bit-identical loss terms
+        for k, v in ref_state.items():
+            assert torch.equal(v, state[k]), (name, k)
+        assert [float(g["lr"]) for g in t.optimizer.param_groups] == \
+            [g["lr"] for g in ref_t.optimizer.param_groups]
+    assert len(captures) == 1, "the LR schedule must not cause a re-capture"
+    captured = runs["captured"][2]
+    assert all(isinstance(g["lr"], torch.Tensor) for g in captured.optimizer.param_groups)
+    assert captured.stepper.warm == step_mod.GRAPH_WARMUP
+    # the power of the comparison: dropout and the LR change do matter
+    assert not torch.equal(ref_state["classifier.weight"],
+                           Trainer(cfg, prepared, tmp_path / "fresh", init=init).module.classifier.weight)
+
+
+def test_step_accumulates_window_means_and_accuracy_on_device(prepared, tmp_path):
+    t = Trainer(tiny(log_every=3), prepared, tmp_path / "run")
+    t.model.train()
+    seen = []
+    for b in range(3):
+        t.train_step(t.batches[b])
+        seen.append(t.step_values())
+    window = t.stepper.stats.read_window()
+    for k in seen[0]:
+        assert window[k] == pytest.approx(np.mean([s[k] for s in seen]), rel=1e-12), k
+    assert t.stepper.stats.count == 0 and t.stepper.stats.sums.abs().sum().item() == 0
+    logits = torch.randn(9, 5)
+    labels = torch.tensor([0, 1, -1, 3, 4, -1, 2, 2, 0])
+    keep = labels != -1
+    brute = sum(int(logits[i].argmax()) == int(labels[i]) for i in range(9) if keep[i]) / int(keep.sum())
+    assert top1_accuracy(logits, labels).item() == pytest.approx(brute)
+
+
+@pytest.mark.parametrize("captured", [False, True])
+def test_nan_at_step_k_stops_at_the_next_check_and_keeps_the_last_good_checkpoint(prepared, tmp_path,
+                                                                                 monkeypatch, captured):
+    """log_every 3, a checkpoint every 2 steps, J non-finite from step 4 (0-based; epoch 1, batch 0) on: the run
+    stops at the log of step 6 with step 4's terms; the last checkpoint is the one after step 3."""
+    real = step_mod.total_loss
+    calls = []
+
+    def total_loss(out, *args, **kwargs):  # counts forwards; NaN from the fifth on
+        calls.append(1)
+        if len(calls) >= 5:
+            out = dict(out, img_logits=out["img_logits"] * float("nan"))
+        return real(out, *args, **kwargs)
+
+    monkeypatch.setattr(step_mod, "total_loss", total_loss)
+    run = tmp_path / "run"
+    t = Trainer(tiny(log_every=3, checkpoint_every_steps=2, lr_schedule=[[3, 1.0]]), prepared, run,
+                graph_factory=EmulatedGraph if captured else None)
+    with pytest.raises(NonFiniteLoss) as err:
+        t.fit()
+    msg = str(err.value)
+    assert msg.startswith("non-finite loss at step 4 (epoch 1, batch 0): instance_img=nan, instance_txt="), msg
+    assert "total=nan" in msg and str(run / ckpt.LAST) in msg
+    assert t.step == 6  # detected at the next logging step
+    state = ckpt.load(run / ckpt.LAST)
+    assert (state["step"], state["epoch"], state["batch"]) == (4, 1, 0)
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert all(isinstance(g["lr"], float) for g in state["optimizer"]["param_groups"])
+
+
+def test_resume_across_a_change_of_compile_is_exact(prepared, tmp_path):
+    cfg = tiny(lr_schedule=[[1, 1.0], [1, 0.1]], dropout=0.5)
+    full = Trainer(cfg, prepared, tmp_path / "full")
+    full.fit()
+    first = Trainer(tiny(**{**cfg.to_dict(), "compile": "cuda_graph"}), prepared, tmp_path / "run",
+                    graph_factory=EmulatedGraph)
+    real_step = first.train_step
+
+    def step_then_stop(batch):
+        real_step(batch)
+        if first.step == STEPS_PER_EPOCH + 1:  # stop inside the second epoch
+            first.stop_signal = 15
+    first.train_step = step_then_stop
+    assert first.fit()["stopped"]
+    state = ckpt.load(tmp_path / "run" / ckpt.LAST)
+    assert state["step_mode"] == "cuda_graph" and state["config"]["compile"] == "cuda_graph"
+    assert all(isinstance(x, float) for x in state["scheduler"]["_last_lr"])
+    resumed = Trainer(tiny(**{**cfg.to_dict(), "compile": "off"}), prepared, tmp_path / "run", resume="auto")
+    assert (resumed.epoch, resumed.batch, resumed.mode) == (1, 2, "off")
+    resumed.fit()
+    for (name, a), b in zip(full.module.state_dict().items(), resumed.module.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_one_loader_for_the_whole_run(prepared, tmp_path, monkeypatch):
+    made = []
+    real = Trainer._loader
+
+    def loader(self):
+        made.append((self.epoch, self.batch))
+        return real(self)
+
+    monkeypatch.setattr(Trainer, "_loader", loader)
+    t = Trainer(tiny(lr_schedule=[[3, 1.0]], workers=1), prepared, tmp_path / "run")
+    assert t.fit()["steps"] == 3 * STEPS_PER_EPOCH
+    assert made == [(0, 0)], "the loader (and its workers) must start once per run, not per epoch"
+
+
+def test_run_sampler_keys():
+    assert list(RunSampler(3, 2, 0, 0)) == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1), (1, 2)]
+    resumed = RunSampler(3, 3, 1, 2)
+    assert list(resumed) == [(1, 2), (2, 0), (2, 1), (2, 2)] and len(resumed) == 4
+    assert list(RunSampler(3, 2, 0, 3)) == [(1, 0), (1, 1), (1, 2)]  # resumed at an epoch's very end
+    assert len(RunSampler(3, 2, 2, 0)) == 0
+
+
+def test_mode_resolution_and_choices():
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert CHOICES["compile"] == step_mod.MODES and Config().compile == "auto"
+    assert resolve_mode("auto", cpu, 1, "fp32") == "off"
+    assert resolve_mode("auto", cuda, 1, "fp32") == "cuda_graph"
+    assert resolve_mode("auto", cuda, 1, "bf16") == "cuda_graph"
+    assert resolve_mode("auto", cuda, 2, "fp32") == "off"
+    assert resolve_mode("auto", cuda, 1, "fp16") == "off"
+    assert resolve_mode("off", cuda, 1, "fp32") == "off"
+    for device, world, precision, why in ((cpu, 1, "fp32", "CUDA"), (cuda, 2, "fp32", "single-process"),
+                                          (cuda, 1, "fp16", "fp16")):
+        with pytest.raises(UserError, match=f"compile: cuda_graph is not available here: .*{why}"):
+            resolve_mode("cuda_graph", device, world, precision)
+
+
+def test_mining_time_is_logged_in_eager_stage2(prepared, stage1_ckpt, tmp_path):
+    from tests.test_training import ScalarRecorder
+
+    t = Trainer(tiny(**STAGE2), prepared, tmp_path / "run", init=stage1_ckpt)
+    rec = ScalarRecorder(t)
+    t.fit()
+    fractions = [v["perf/mining_fraction"] for _, v in rec.records if "perf/mining_fraction" in v]
+    assert len(fractions) == STEPS_PER_EPOCH and all(0 < f < 1 for f in fractions)
+
+
+def test_stats_first_non_finite_keeps_the_first():
+    s = StepStats(["loss/a", "loss/total", "acc/x"], torch.device("cpu"), step=10)
+    s.record(torch.tensor([1.0, 2.0, 0.5]))
+    assert s.first_non_finite() is None
+    s.record(torch.tensor([float("nan"), float("inf"), 0.5]))
+    s.record(torch.tensor([3.0, float("nan"), 0.5]))
+    step, terms = s.first_non_finite()
+    assert step == 11 and math.isnan(terms["a"]) and terms["total"] == float("inf") and "x" not in terms
+
+
+def test_validation_encodes_in_the_trainers_memory_format(prepared, tmp_path, monkeypatch):
+    import engine.loop as loop
+
+    seen = []
+    real = loop.encode_split
+
+    def encode_split(*a, **k):
+        seen.append(k.get("channels_last"))
+        return real(*a, **k)
+
+    monkeypatch.setattr(loop, "encode_split", encode_split)
+    t = Trainer(tiny(), prepared, tmp_path / "run")
+    t.channels_last = True  # as on CUDA with channels_last: true
+    t._validate({})
+    assert seen == [True]
+
+
+def test_global_batchnorm_is_syncbatchnorm_on_nccl(monkeypatch):
+    from engine import dist as d
+
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4, momentum=0.001))
+    weight = net[1].weight
+    monkeypatch.setattr(d.dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(d.dist, "get_backend", lambda *a: "nccl")
+    out = d.global_batchnorm(net)
+    assert type(out[1]) is torch.nn.SyncBatchNorm and out[1].weight is weight and out[1].momentum == 0.001
+    monkeypatch.setattr(d.dist, "get_backend", lambda *a: "gloo")
+    net2 = torch.nn.Sequential(torch.nn.BatchNorm1d(4))
+    assert type(d.global_batchnorm(net2)[0]) is d.GlobalBatchNorm
