@@ -40,7 +40,7 @@ run() {  # run NAME SECONDS CMD...: one piece, time-limited, logged, failure rec
 }
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))" \
   || { echo "no CUDA device: this script measures GPUs"; exit 1; }
-TT=(bench/train_throughput.py --output "$MD" --workers "$WORKERS")
+TT=("$PY" bench/train_throughput.py --output "$MD" --workers "$WORKERS")
 # the shared synthetic set (4,096 training images at 256 px + 500 val/test), built once, in the background
 "$PY" -c "import sys; sys.path.insert(0, 'bench'); import common; common.synthetic_prepared(4096, 256, holdout=500)" \
   > "$OUTDIR/data.log" 2>&1 &
