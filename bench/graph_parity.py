@@ -1,4 +1,4 @@
-"""Benchmark: does the captured step train like the eager one? (BENCHMARKS.md section 9; needs CUDA for the graph.)
+"""Benchmark: does the captured step train like the eager one? (BENCHMARKS.md section 10; needs CUDA for the graph.)
 
 From ONE Stage I checkpoint, the Flickr30k Stage II recipe (hard negatives, dropout, fp32 with TF32, channels_last)
 is trained for --steps steps three times with the same seed and the same batches: eager, eager again (the baseline:
@@ -25,7 +25,7 @@ from common import (DEFAULT_CACHE, add_output_args, build_trainer, default_image
 
 from prepare.cli import ArgumentParser  # noqa: E402
 
-HEADING = "## 9. Captured vs eager training step"
+HEADING = "## 10. Captured vs eager training step"
 
 
 def train(config: str, data: Path, run: Path, ckpt1: Path, overrides: dict, steps: int, weights_at: int,
