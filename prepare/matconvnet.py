@@ -121,12 +121,14 @@ def backbone_state(dag: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     from prepare import matconvnet_net as mn
     from prepare import matconvnet_spec as ms
 
-    entries, info = ms.resnet_spec(dag)
+    entries, nodes, info = ms.resnet_spec(dag)
     if "fc1000_filter" in dag.params:  # the ImageNet classifier: kept as fc.* (the image CNN ignores it)
         f = dag.params["fc1000_filter"]
         names = ("fc1000_filter", "fc1000_bias") if "fc1000_bias" in dag.params else ("fc1000_filter",)
         entries.append(mn.Entry("linear", "fc1000", names, "fc", (1, 1, info["backbone_channels"], int(f.shape[-1]))))
+        nodes.append(mn.Node("fc1000", "dagnn.Conv", ("pool5",)))
     mn.check_inventory(dag, entries)
+    mn.check_wiring(dag, nodes)
     mn.check_resnet_geometry(dag)
     eps = mn.bn_eps(dag, entries)
     mean = mn.average_rgb(dag)
@@ -187,13 +189,14 @@ def model_checkpoint(dag: Any, given: Any, manifest: dict[str, Any] | None = Non
     from prepare import matconvnet_spec as ms
     from prepare.core import dictionary_sha256
 
-    backbone, info = ms.resnet_spec(dag)
-    head, head_info = ms.head_spec(dag, info["backbone_channels"])
+    backbone, nodes, info = ms.resnet_spec(dag)
+    head, head_nodes, head_info = ms.head_spec(dag, info["backbone_channels"])
     dim = head_info["feature_dim"]
-    text, text_info = ms.text_spec(dag, dim)
-    classifier, cls_info = ms.classifier_spec(dag, dim)
+    text, text_nodes, text_info = ms.text_spec(dag, dim)
+    classifier, cls_nodes, cls_info = ms.classifier_spec(dag, dim)
     entries = backbone + head + text + classifier
     mn.check_inventory(dag, entries)
+    mn.check_wiring(dag, nodes + head_nodes + text_nodes + cls_nodes)
     mn.check_resnet_geometry(dag)
     vocab, max_len = text_info["vocab_size"], text_info["max_len"]
     sha = dictionary_sha256(given.words)

@@ -10,7 +10,7 @@ import string
 from typing import Any
 
 from prepare.matconvnet_io import describe
-from prepare.matconvnet_net import DagNN, Entry
+from prepare.matconvnet_net import DagNN, Entry, Node
 
 ARCH_BLOCKS = {(3, 4, 6, 3): "resnet50", (3, 8, 36, 3): "resnet152"}
 EMBED_DIM = 300
@@ -38,8 +38,9 @@ def resnet_arch(dag: DagNN) -> tuple[str, tuple[tuple[str, ...], ...]]:
     return arch, tuple(ids)
 
 
-def resnet_spec(dag: DagNN) -> tuple[list[Entry], dict[str, Any]]:
-    """The Caffe ResNet backbone (torchvision key names) with widths inferred from conv1."""
+def resnet_spec(dag: DagNN) -> tuple[list[Entry], list[Node], dict[str, Any]]:
+    """The Caffe ResNet backbone (torchvision key names) with widths inferred from conv1, and its wiring from
+    ``data`` to ``pool5`` (reference section 3: Caffe layer names; a block's sum ``res{S}{b}`` and ReLU)."""
     arch, ids = resnet_arch(dag)
     conv1 = dag.params.get("conv1_filter")
     if conv1 is None or conv1.ndim != 4 or conv1.shape[:3] != (7, 7, 3):
@@ -50,13 +51,16 @@ def resnet_spec(dag: DagNN) -> tuple[list[Entry], dict[str, Any]]:
                      "backbone"),
                Entry("bn", "bn_conv1", ("bn_conv1_mult", "bn_conv1_bias", "bn_conv1_moments"), "bn1", (base,),
                      group="backbone")]
-    cin = base
+    nodes = [Node("conv1", "dagnn.Conv", ("data",)), Node("bn_conv1", "dagnn.BatchNorm", ("conv1",)),
+             Node("conv1_relu", "dagnn.ReLU", ("bn_conv1",)), Node("pool1", "dagnn.Pooling", ("conv1_relu",))]
+    cin, x = base, "pool1"
     for s, (stage, blocks) in enumerate(zip((2, 3, 4, 5), ids)):
         mid = base * 2 ** s
         out = 4 * mid
         for k, b in enumerate(blocks):
             first_stride = 2 if (k == 0 and stage > 2) else 1
             pre = f"layer{s + 1}.{k}"
+            y = x
             for branch, conv, size, stride, pad in (
                     ("2a", "conv1", (1, 1, cin, mid), first_stride, 0), ("2b", "conv2", (3, 3, mid, mid), 1, 1),
                     ("2c", "conv3", (1, 1, mid, out), 1, 0)):
@@ -66,18 +70,30 @@ def resnet_spec(dag: DagNN) -> tuple[list[Entry], dict[str, Any]]:
                 bn = f"bn{stage}{b}_branch{branch}"
                 entries.append(Entry("bn", bn, (f"{bn}_mult", f"{bn}_bias", f"{bn}_moments"),
                                      f"{pre}.bn{conv[-1]}", (size[3],), group="backbone"))
+                nodes += [Node(name, "dagnn.Conv", (y,)), Node(bn, "dagnn.BatchNorm", (name,))]
+                y = bn
+                if branch != "2c":
+                    nodes.append(Node(f"{name}_relu", "dagnn.ReLU", (bn,)))
+                    y = f"{name}_relu"
+            shortcut = x
             if k == 0:
                 name, bn = f"res{stage}a_branch1", f"bn{stage}a_branch1"
                 entries.append(Entry("conv2d", name, (f"{name}_filter",), f"{pre}.downsample.0", (1, 1, cin, out),
                                      1 if stage == 2 else 2, group="backbone"))
                 entries.append(Entry("bn", bn, (f"{bn}_mult", f"{bn}_bias", f"{bn}_moments"),
                                      f"{pre}.downsample.1", (out,), group="backbone"))
-            cin = out
-    return entries, {"arch": arch, "backbone_width": base / 64, "backbone_channels": cin}
+                nodes += [Node(name, "dagnn.Conv", (x,)), Node(bn, "dagnn.BatchNorm", (name,))]
+                shortcut = bn
+            nodes += [Node(f"res{stage}{b}", "dagnn.Sum", (shortcut, y)),
+                      Node(f"res{stage}{b}_relu", "dagnn.ReLU", (f"res{stage}{b}",))]
+            cin, x = out, f"res{stage}{b}_relu"
+    nodes.append(Node("pool5", "dagnn.Pooling", (x,), var="pool5"))  # fc1 (and fc1000) read it by name
+    return entries, nodes, {"arch": arch, "backbone_width": base / 64, "backbone_channels": cin}
 
 
-def head_spec(dag: DagNN, channels: int) -> tuple[list[Entry], dict[str, Any]]:
-    """The image head fc1 / fc1_1 (ResNet) on the backbone's ``channels``; feature size from fc1_1f."""
+def head_spec(dag: DagNN, channels: int) -> tuple[list[Entry], list[Node], dict[str, Any]]:
+    """The image head fc1 / fc1_1 (ResNet) on the backbone's ``channels``; feature size from fc1_1f. Wiring
+    (reference 4.1): pool5 -> fc1 -> fc1bn -> ReLU -> fc1_1 -> fc1_1bn (the test feature) -> ReLU -> dropout."""
     f = dag.params.get("fc1_1f")
     if f is None or f.ndim < 4:
         raise dag.fail(f"param 'fc1_1f' must be a [1 1 D D] filter, got {describe(f) if f is not None else 'nothing'}")
@@ -86,15 +102,20 @@ def head_spec(dag: DagNN, channels: int) -> tuple[list[Entry], dict[str, Any]]:
                Entry("bn", "fc1bn", ("fc1bn_w", "fc1bn_b", "fc1bn_m"), "image.fc1_bn", (dim,)),
                Entry("conv2d", "fc1_1", ("fc1_1f",), "image.fc1_1", (1, 1, dim, dim)),
                Entry("bn", "fc1_1bn", ("fc1_1bn_w", "fc1_1bn_b", "fc1_1bn_m"), "image.fc1_1_bn", (dim,))]
-    return entries, {"feature_dim": dim}
+    nodes = [Node("fc1", "dagnn.Conv", ("pool5",)), Node("fc1bn", "dagnn.BatchNorm", ("fc1",)),
+             Node("fc1x", "dagnn.ReLU", ("fc1bn",)), Node("fc1_1", "dagnn.Conv", ("fc1x",)),
+             Node("fc1_1bn", "dagnn.BatchNorm", ("fc1_1",), var="fc1_1bn"), Node("fc1_1x", "dagnn.ReLU", ("fc1_1bn",)),
+             Node("dropout", "dagnn.DropOut", ("fc1_1x",))]
+    return entries, nodes, {"feature_dim": dim}
 
 
 def _text_width(c: int, width: float) -> int:
     return max(4, round(c * width))  # the same rounding as models.text_cnn.TextCNN
 
 
-def text_spec(dag: DagNN, dim: int) -> tuple[list[Entry], dict[str, Any]]:
-    """The text CNN (reference 4.2): embedding, 14 bottleneck blocks of 1x2 convs, fc5_1 max pool, fc5_2."""
+def text_spec(dag: DagNN, dim: int) -> tuple[list[Entry], list[Node], dict[str, Any]]:
+    """The text CNN (reference 4.2): embedding, 14 bottleneck blocks of 1x2 convs, fc5_1 max pool, fc5_2; wired
+    from ``data2`` to ``fc5_2bn`` (the test feature) and dropout2."""
     f = dag.params.get("fc2f")
     if f is None or f.ndim != 4 or f.shape[:2] != (1, 1):
         raise dag.fail(f"param 'fc2f' must be the [1 1 V 300] word2vec layer, got "
@@ -106,6 +127,8 @@ def text_spec(dag: DagNN, dim: int) -> tuple[list[Entry], dict[str, Any]]:
     width = int(out0.shape[3]) / 256
     entries = [Entry("embed", "fc2", ("fc2f", "fc2b"), "text.embed", (1, 1, vocab, EMBED_DIM)),
                Entry("bn", "fc2bn", ("fc2bn_w", "fc2bn_b", "fc2bn_m"), "text.embed_bn", (EMBED_DIM,))]
+    nodes = [Node("fc2", "dagnn.Conv", ("data2",)), Node("fc2bn", "dagnn.BatchNorm", ("fc2",))]
+    x = "fc2bn"  # no ReLU after it
     names = [("fc2_1", "first")] + [(f"fc2_{i}", "id") for i in (2, 3)] + [("fc2_4", "proj")]
     names += [(f"fc3_{i}", "id") for i in (2, 3, 4)] + [("fc3_5", "proj")]
     names += [(f"fc4_{i}", "id") for i in range(2, 7)] + [("fc4_7", "proj")]
@@ -123,20 +146,34 @@ def text_spec(dag: DagNN, dim: int) -> tuple[list[Entry], dict[str, Any]]:
         convs = [(f"{main}_1", (1, 1, cin, mid), 1, "branch.0", "branch.1"),
                  (f"{main}_2", (1, 2, mid, mid), stride, "branch.3.conv", "branch.4"),
                  (f"{main}_3", (1, 1, mid, cout), 1, "branch.6", "branch.7")]
+        y = x
         for j, (name, size, s, conv_key, bn_key) in enumerate(convs):
             entries.append(Entry("conv1d", name, (f"{name}f",), f"{key}.{conv_key}", size, s,
                                  (0, 0, 1, 0) if size[1] == 2 else (0, 0, 0, 0)))
             bn_layer = f"{name}bn_1" if (kind == "id" and j == 0) else f"{name}bn"
             entries.append(Entry("bn", bn_layer, (f"{name}bn_w", f"{name}bn_b", f"{name}bn_m"),
                                  f"{key}.{bn_key}", (size[3],)))
+            nodes += [Node(name, "dagnn.Conv", (y,)), Node(bn_layer, "dagnn.BatchNorm", (name,))]
+            y = bn_layer
+            if j < 2:
+                nodes.append(Node(f"{name}x", "dagnn.ReLU", (bn_layer,)))
+                y = f"{name}x"
+        shortcut = x
         if kind != "id":
             short = f"{prefix}b"
             entries.append(Entry("conv1d", short, (f"{short}f",), f"{key}.shortcut.0", (1, 1, cin, cout), stride))
             entries.append(Entry("bn", f"{short}bn", (f"{short}bn_w", f"{short}bn_b", f"{short}bn_m"),
                                  f"{key}.shortcut.1", (cout,)))
+            nodes += [Node(short, "dagnn.Conv", (x,)), Node(f"{short}bn", "dagnn.BatchNorm", (short,))]
+            shortcut = f"{short}bn"
+        nodes += [Node(f"{prefix}sum", "dagnn.Sum", (shortcut, y)), Node(f"{prefix}x", "dagnn.ReLU", (f"{prefix}sum",))]
+        x = f"{prefix}x"
     text_out = shapes[-1][2]
     entries += [Entry("linear", "fc5_2", ("fc5_2f",), "text.fc", (1, 1, text_out, dim)),
                 Entry("bn", "fc5_2bn", ("fc5_2bn_w", "fc5_2bn_b", "fc5_2bn_m"), "text.fc_bn", (dim,))]
+    nodes += [Node("fc5_1", "dagnn.Pooling", (x,)), Node("fc5_2", "dagnn.Conv", ("fc5_1",)),
+              Node("fc5_2bn", "dagnn.BatchNorm", ("fc5_2",), var="fc5_2bn"), Node("fc5_2x", "dagnn.ReLU", ("fc5_2bn",)),
+              Node("dropout2", "dagnn.DropOut", ("fc5_2x",))]
     pool = dag.layer("fc5_1", "dagnn.Pooling")
     size = dag.number(pool, "poolSize", 2)
     method = str(pool.block.get("method", "max")) or "max"
@@ -145,11 +182,13 @@ def text_spec(dag: DagNN, dim: int) -> tuple[list[Entry], dict[str, Any]]:
         raise dag.fail(f"layer 'fc5_1': expected a max (or avg) pooling [1 L/4] over the whole sentence, stride 1, "
                        f"pad 0; got method {method!r}, poolSize {size}, stride {dag.number(pool, 'stride', 2)}, "
                        f"pad {dag.number(pool, 'pad', 4)}")
-    return entries, {"vocab_size": vocab, "text_width": width, "max_len": int(size[1]) * 4, "text_pool": method}
+    return entries, nodes, {"vocab_size": vocab, "text_width": width, "max_len": int(size[1]) * 4,
+                            "text_pool": method}
 
 
-def classifier_spec(dag: DagNN, dim: int) -> tuple[list[Entry], dict[str, Any]]:
-    """The ONE shared W: fc_img and fc_txt must both name fcsharef (and fcshareb, when the file has it)."""
+def classifier_spec(dag: DagNN, dim: int) -> tuple[list[Entry], list[Node], dict[str, Any]]:
+    """The ONE shared W: fc_img and fc_txt must both name fcsharef (and fcshareb, when the file has it); fc_img reads
+    the image path's dropout, fc_txt the text path's."""
     w = dag.params.get("fcsharef")
     if w is None or w.ndim != 4:
         raise dag.fail("param 'fcsharef' (the shared classifier W, [1 1 D N]) is missing or not 4-D")
@@ -160,5 +199,6 @@ def classifier_spec(dag: DagNN, dim: int) -> tuple[list[Entry], dict[str, Any]]:
         if got != names:
             raise dag.fail(f"layer {layer!r} has params {list(got)}, expected {list(names)}: both paths must share "
                            f"one classifier W")
-    return [Entry("linear", "fc_img", names, "classifier", (1, 1, dim, int(w.shape[3])))], \
+    nodes = [Node("fc_img", "dagnn.Conv", ("dropout",)), Node("fc_txt", "dagnn.Conv", ("dropout2",))]
+    return [Entry("linear", "fc_img", names, "classifier", (1, 1, dim, int(w.shape[3])))], nodes, \
         {"num_classes": int(w.shape[3]), "classifier_bias": bias}

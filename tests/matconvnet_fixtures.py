@@ -216,6 +216,19 @@ def net_struct(nb: NetBuilder, mean: np.ndarray) -> dict[str, Any]:
                      "classes": {"name": Cell(["a", "b"])}}}
 
 
+def plain(value: Any) -> Any:
+    """The fixture structures in the readers' plain form (what the .mat readers return)."""
+    if isinstance(value, StructArray):
+        return [{k: plain(v) for k, v in item.items()} for item in value]
+    if isinstance(value, Cell):
+        return [plain(v) for v in value]
+    if isinstance(value, dict):
+        return [{k: plain(v) for k, v in value.items()}]
+    if isinstance(value, (bool, float)):
+        return np.array([[value]])
+    return value
+
+
 # ------------------------------------------------------------------------------------------------ v5 (scipy)
 def _v5(value: Any) -> Any:
     if isinstance(value, StructArray):

@@ -28,21 +28,6 @@ IMAGENET_MEAN = np.random.default_rng(5).uniform(90, 130, (4, 4, 3))  # an HxWx3
 KINDS = {"flickr30k": dict(vocab=12, classes=7), "coco": dict(vocab=9, classes=6), "cuhk": dict(vocab=10, classes=5)}
 
 
-def plain(value):
-    """The fixture structures in the readers' plain form (what matconvnet_io returns)."""
-    if isinstance(value, fx.StructArray):
-        return [{k: plain(v) for k, v in item.items()} for item in value]
-    if isinstance(value, fx.Cell):
-        return [plain(v) for v in value]
-    if isinstance(value, dict):
-        return [{k: plain(v) for k, v in value.items()}]
-    if isinstance(value, bool):
-        return np.array([[value]])
-    if isinstance(value, float):
-        return np.array([[value]])
-    return value
-
-
 def words(n: int) -> list[str]:
     return [f"w{i}" for i in range(1, n + 1)]
 
@@ -147,7 +132,7 @@ def test_bn_rule_and_clamp_warning(nets, flickr_ckpt):
                                p["bn_conv1_moments"][:, 1].astype(np.float64) ** 2 - 1e-5, rtol=1e-6)
     np.testing.assert_allclose(model["text.fc_bn.running_var"].numpy(),
                                p["fc5_2bn_m"][:, 1].astype(np.float64) ** 2 - 1e-3, rtol=1e-6)
-    struct = plain(fx.net_struct(nets["flickr30k"], NET_MEAN))[0]
+    struct = fx.plain(fx.net_struct(nets["flickr30k"], NET_MEAN))[0]
     moments = next(x for x in struct["params"] if x["name"] == "fc1bn_m")
     moments["value"] = moments["value"].copy()
     moments["value"][:3, 1] = 0.0  # never-updated moments of a new BN: sigma 0 < sqrt(eps)
@@ -158,7 +143,7 @@ def test_bn_rule_and_clamp_warning(nets, flickr_ckpt):
 
 # ------------------------------------------------------------------------------------------------ refusals
 def _mutated(nb, mutate) -> mn.DagNN:
-    struct = copy.deepcopy(plain(fx.net_struct(nb, NET_MEAN))[0])
+    struct = copy.deepcopy(fx.plain(fx.net_struct(nb, NET_MEAN))[0])
     mutate(struct)
     return mn.parse_dagnn(Path("net-epoch-1.mat"), struct)
 
@@ -358,7 +343,7 @@ def test_resnet152_block_names_map_to_the_right_layers():
     nb = fx.resnet_net(width=1 / 16, seed=2, blocks=(3, 8, 36, 3), fc1000=False)
     mean = np.array([[[100.0, 110.0, 120.0]]])
     state, side = conv.backbone_state(mn.parse_dagnn(Path("imagenet-resnet-152-dag.mat"),
-                                                     plain(fx.net_struct(nb, mean))[0]))
+                                                     fx.plain(fx.net_struct(nb, mean))[0]))
     assert side["arch"] == "resnet152" and "layer3.35.conv3.weight" in state
     img = ImageCNN("resnet152", pretrained="none", feature_dim=8, style="caffe", bn_eps=side["bn_eps"],
                    backbone_width=side["backbone_width"], pixel_mean=side["pixel_mean"]).eval()
