@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from prepare.cli import ArgumentParser, UserError, run_guarded
+from utils.cli import ArgumentParser, UserError, run_guarded
 
 # torch is imported after parsing, torchvision and the models only with --checkpoint (docs/cli.md)
 RESULT_KEYS = ("R@1", "R@5", "R@10", "medr", "meanr")
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Everything after parsing; a UserError (or OSError / ValueError) names the file that is wrong."""
+    """Everything after parsing; a UserError (or OSError) names the file that is wrong, anything else is a bug."""
     if args.table:
         print(print_table(args.table))
         return 0
@@ -216,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
     n_img = len(feats["images"])
     try:
         results = score(feats, args.coco_1k, directions)
-    except ValueError as e:  # labels without a match, --coco-1k on a size that is not 5 folds of 1,000
+    except UserError as e:  # labels without a match, --coco-1k on a size that is not 5 folds of 1,000
         source = (f"--embeddings {args.embeddings}" if args.embeddings
                   else f"--checkpoint {args.checkpoint} on {args.data}")
         raise UserError(f"{source}: {e}") from None

@@ -25,7 +25,7 @@ import common  # noqa: F401  (puts the repository root on sys.path)
 import numpy as np
 
 from common import ROOT, add_output_args, report, table
-from prepare.cli import ArgumentParser
+from utils.cli import ArgumentParser
 
 HEADING = "## 7. Command lines: --help and evaluate.py --embeddings"
 HEAVY = ("torch", "torchvision", "models")  # top-level packages no --help may import

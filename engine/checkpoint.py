@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from prepare.cli import UserError
+from utils.cli import UserError
 
 LAST, BEST = "checkpoint_last.pt", "checkpoint_best.pt"
 

@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from utils.cli import InvalidValue
+
 CHOICES: dict[str, tuple] = {
     "arch": ("resnet18", "resnet50", "resnet152", "vgg16", "vgg19"),
     "text_depth": ("res50", "res152"),
@@ -95,7 +97,7 @@ class Config:
         return dataclasses.asdict(self)
 
 
-class ConfigError(ValueError):
+class ConfigError(InvalidValue):
     pass
 
 

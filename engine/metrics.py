@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from utils.cli import InvalidValue
+
 __all__ = ["rank_of_first_match", "retrieval_ranks", "recall_metrics", "evaluate_retrieval", "evaluate_coco_1k",
            "DIRECTIONS", "DEFAULT_MAX_CHUNK_BYTES"]
 
@@ -51,11 +53,11 @@ def _group_ids(query_labels: Labels, gallery_labels: Labels, device: torch.devic
 
 
 def _check_all_matched(gq: Tensor, gg: Tensor, what: str) -> None:
-    """Raise ValueError when some query has no gallery item with its label."""
+    """Raise InvalidValue (a user error: the data) when some query has no gallery item with its label."""
     missing = ~torch.isin(gq, gg)
     if bool(missing.any()):
         idx = torch.nonzero(missing).flatten()[:5].tolist()
-        raise ValueError(f"{int(missing.sum())} of {len(gq)} queries{what} have no correct item in the gallery "
+        raise InvalidValue(f"{int(missing.sum())} of {len(gq)} queries{what} have no correct item in the gallery "
                          f"(no gallery item with the same label); first query indices: {idx}")
 
 
@@ -282,7 +284,7 @@ def evaluate_coco_1k(images: Tensor, texts: Tensor, image_labels: Labels, text_l
     recalls (checked equal to the mean of the per-fold rsums). Adds ``"folds": [per-fold results]``."""
     n = len(images)
     if folds < 1 or n % folds:
-        raise ValueError(f"{n} images cannot be cut into {folds} equal folds")
+        raise InvalidValue(f"{n} images cannot be cut into {folds} equal folds")
     gi, gt = _group_ids(image_labels, text_labels, torch.device("cpu"))
     if len(gt) != len(texts) or len(gi) != n:
         raise ValueError(f"labels ({len(gi)}, {len(gt)}) do not match features ({n}, {len(texts)})")

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from prepare.cli import ArgumentParser, UserError, check_model_inputs, run_guarded
+from utils.cli import ArgumentParser, UserError, check_model_inputs, run_guarded
 
 if TYPE_CHECKING:
     import torch

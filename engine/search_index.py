@@ -21,7 +21,7 @@ import models  # noqa: F401  (first: installs the torchvision guard)
 import numpy as np
 import torch
 
-from prepare.cli import UserError
+from utils.cli import UserError
 from prepare.core import COCO_DELIMITERS, DELIMITERS, PrepareError, index_captions, tokenize
 from prepare.images import RESIZE_MODES, load_resized
 

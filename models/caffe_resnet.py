@@ -21,6 +21,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from utils.cli import InvalidValue
+
 LAYERS = {"resnet50": (3, 4, 6, 3), "resnet152": (3, 8, 36, 3)}
 EXPANSION = 4
 
@@ -55,7 +57,7 @@ class CaffeResNet(nn.Module):
     def __init__(self, arch: str = "resnet50", eps: float = 1e-5, width: float = 1.0) -> None:
         super().__init__()
         if arch not in LAYERS:
-            raise ValueError(f"the caffe-style backbone exists for {sorted(LAYERS)}, not {arch!r}")
+            raise InvalidValue(f"the caffe-style backbone exists for {sorted(LAYERS)}, not {arch!r}")
         base = max(1, round(64 * width))
         self.conv1 = nn.Conv2d(3, base, 7, stride=2, padding=3, bias=True)
         self.bn1 = nn.BatchNorm2d(base, eps=eps)

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from utils.cli import InvalidValue
+
 BN_EPS = 1e-3  # decision 20: MatConvNet's BatchNorm default
 BN_MOMENTUM = 0.05  # spec 7.2: moving-average rate of new BN layers
 
@@ -100,7 +102,7 @@ class TextCNN(nn.Module):
             raise ValueError(f"depth must be one of {sorted(STAGES)}, got {depth!r}")
         downsample = math.prod(s for *_, s in STAGES[depth])
         if max_len % downsample:
-            raise ValueError(f"max_len must be a multiple of {downsample}, got {max_len}")
+            raise InvalidValue(f"max_len must be a multiple of {downsample}, got {max_len}")
         self.vocab_size, self.max_len, self.pool, self.depth = vocab_size, max_len, pool, depth
         # RES1: word2vec "1x1 conv with bias" == embedding lookup (row 0 = padding, fixed at 0) + a bias everywhere.
         self.embed = nn.Embedding(vocab_size + 1, embed_dim, padding_idx=0)

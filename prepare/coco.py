@@ -21,7 +21,7 @@ from typing import Sequence
 
 import numpy as np
 
-from prepare.cli import ArgumentParser
+from utils.cli import ArgumentParser
 from prepare.core import (COCO_DELIMITERS, PrepareError, RawImage, Warnings, add_common_args, check_dir,
                           load_json, read_karpathy_json, require, run_cli, write_prepared)
 

@@ -26,7 +26,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
-from prepare.cli import UserError, run_guarded
+from utils.cli import UserError, run_guarded
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -493,7 +493,7 @@ def summary(manifest: dict[str, Any], out: Path) -> str:
 def run_cli(prepare_fn: Callable[[argparse.Namespace], dict], parser: argparse.ArgumentParser,
             argv: Sequence[str] | None = None) -> int:
     """Parse argv, run ``prepare_fn(args)``; errors print one ``error: ...`` line on stderr and return 2
-    (the convention of prepare/cli.py)."""
+    (the convention of utils/cli.py)."""
     args = parser.parse_args(argv)
 
     def body() -> None:

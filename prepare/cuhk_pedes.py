@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from prepare.cli import ArgumentParser
+from utils.cli import ArgumentParser
 from prepare.core import (SPLITS, PrepareError, RawImage, Warnings, add_common_args, check_dir, check_file,
                           load_json, require, run_cli, write_prepared)
 

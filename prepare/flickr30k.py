@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from prepare.cli import ArgumentParser
+from utils.cli import ArgumentParser
 from prepare.core import (PrepareError, RawImage, Warnings, add_common_args, check_dir, check_file,
                           read_karpathy_json, read_lines, run_cli, write_prepared)
 

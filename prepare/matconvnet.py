@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 from typing import Any, Sequence
 
-from prepare.cli import ArgumentParser, run_guarded
+from utils.cli import ArgumentParser, run_guarded
 
 CONVERTER = "prepare.matconvnet"
 CONVERTER_VERSION = 1

@@ -48,7 +48,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from prepare.cli import ArgumentParser, run_guarded
+from utils.cli import ArgumentParser, InvalidValue, run_guarded
 
 TOKEN_FILE = "results_20130124.token"
 SPLIT_FILE = "dataset_flickr30k.json"
@@ -96,7 +96,7 @@ def make_scenes(n: int, rng: np.random.Generator, colours: int = len(COLOURS), s
     """n (background, shapes) scenes with pairwise different multisets of (shape, colour, size), drawn from the
     first ``colours`` colours and first ``shapes`` shapes (a smaller palette makes every part frequent)."""
     if not (1 <= colours <= len(COLOURS) and 1 <= shapes <= len(SHAPES)):
-        raise ValueError(f"colours must be in 1..{len(COLOURS)} and shapes in 1..{len(SHAPES)}, "
+        raise InvalidValue(f"colours must be in 1..{len(COLOURS)} and shapes in 1..{len(SHAPES)}, "
                          f"got {colours} and {shapes}")
     seen: set[tuple] = set()
     scenes: list[tuple[str, list[Shape]]] = []
@@ -105,7 +105,7 @@ def make_scenes(n: int, rng: np.random.Generator, colours: int = len(COLOURS), s
     while len(scenes) < n:
         tries += 1
         if tries > 200 * n + 1000:
-            raise ValueError(f"cannot draw {n} unique scenes from {colours} colours x {shapes} shapes; "
+            raise InvalidValue(f"cannot draw {n} unique scenes from {colours} colours x {shapes} shapes; "
                              f"use fewer images or a larger palette")
         count = int(rng.choice([1, 2, 3], p=[0.2, 0.4, 0.4]))
         cells = rng.choice(9, size=count, replace=False)
@@ -307,9 +307,9 @@ def make_synthetic(out_dir: str | Path, images: int = 600, seed: int = 0, val: i
     val = default_holdout(images) if val is None else val
     test = default_holdout(images) if test is None else test
     if images < 3 or val < 0 or test < 0 or val + test >= images:
-        raise ValueError(f"need images >= 3 and 0 <= val + test < images (got images={images}, val={val}, test={test})")
+        raise InvalidValue(f"need images >= 3 and 0 <= val + test < images (got images={images}, val={val}, test={test})")
     if images > 50000:
-        raise ValueError("at most 50000 images (unique scenes become scarce)")
+        raise InvalidValue("at most 50000 images (unique scenes become scarce)")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty (use --overwrite)")
     rng, rnd = np.random.default_rng(seed), random.Random(seed)
