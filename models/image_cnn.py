@@ -45,6 +45,7 @@ import torchvision.models as tvm  # noqa: E402
 
 from utils.cli import InvalidValue  # noqa: E402
 
+from . import spec  # noqa: E402
 from .caffe_resnet import CaffeResNet  # noqa: E402
 from .text_cnn import init_new_conv_, new_bn  # noqa: E402
 
@@ -222,8 +223,7 @@ class ImageCNN(nn.Module):
             self.pool: nn.Module = nn.Identity()  # fc6 already covers a 7x7 window
             hidden = channels  # 4096 -> 4096 -> 2048
         else:
-            self.backbone = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool,
-                                          net.layer1, net.layer2, net.layer3, net.layer4)
+            self.backbone = nn.Sequential(*[getattr(net, name) for name in spec.BACKBONE_SEQUENCE])
             self.pool = nn.AvgPool2d(pool, stride=1)  # pool5 of the MatConvNet model
             hidden = feature_dim
         self.fc1 = nn.Conv2d(channels, hidden, 1, bias=False)

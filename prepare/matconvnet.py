@@ -96,12 +96,11 @@ def _to_torch(arrays: dict[str, Any]) -> dict[str, Any]:
 
 
 def backbone_key(key: str) -> str:
-    """torchvision ResNet key -> the DualPath key (image.backbone = Sequential(conv1, bn1, relu, maxpool, layer1..4))."""
-    head, rest = key.split(".", 1)
-    index = {"conv1": 0, "bn1": 1}.get(head)
-    if index is None:
-        index = int(head[len("layer"):]) + 3
-    return f"image.backbone.{index}.{rest}"
+    """torchvision ResNet key -> the DualPath key (image.backbone = Sequential of ``models.spec.BACKBONE_SEQUENCE``)."""
+    from models import spec
+
+    head, dot, rest = key.partition(".")
+    return f"image.backbone.{spec.BACKBONE_SEQUENCE.index(head)}{dot}{rest}"
 
 
 def _refuse_existing(paths: Sequence[Path], overwrite: bool) -> None:
@@ -183,6 +182,8 @@ def _infer_dataset(max_len: int, classifier_bias: bool) -> str:
 def model_checkpoint(dag: Any, given: Any, manifest: dict[str, Any] | None = None, dataset: str | None = None,
                      where: str = "--data") -> dict[str, Any]:
     """Check and convert a trained DualPath DagNN: the full checkpoint dict (``model`` = tensors)."""
+    from dataclasses import replace
+
     import torch
 
     from prepare import matconvnet_net as mn
@@ -194,7 +195,7 @@ def model_checkpoint(dag: Any, given: Any, manifest: dict[str, Any] | None = Non
     dim = head_info["feature_dim"]
     text, text_nodes, text_info = ms.text_spec(dag, dim)
     classifier, cls_nodes, cls_info = ms.classifier_spec(dag, dim)
-    entries = backbone + head + text + classifier
+    entries = [replace(e, key=backbone_key(e.key)) for e in backbone] + head + text + classifier
     mn.check_inventory(dag, entries)
     mn.check_wiring(dag, nodes + head_nodes + text_nodes + cls_nodes)
     mn.check_resnet_geometry(dag)
@@ -221,14 +222,11 @@ def model_checkpoint(dag: Any, given: Any, manifest: dict[str, Any] | None = Non
         dag.warnings.append(f"dropout rates differ {dropouts}; the config records {dropouts[0]}")
     stage = 2 if any(layer.type in ("dagnn.RankLoss", "dagnn.LRN") for layer in dag.layers.values()) else 1
     match = re.search(r"net-epoch-(\d+)\.mat$", dag.path.name)
-    arrays = mn.convert(dag, entries, eps)
-    arrays = {(backbone_key(k) if not k.startswith(("image.", "text.", "classifier")) else k): v
-              for k, v in arrays.items()}
-    model = _to_torch(arrays)
+    model = _to_torch(mn.convert(dag, entries, eps))
     model["image.pixel_mean"] = torch.tensor(mean, dtype=torch.float32)
     model["image.pixel_std"] = torch.ones(3)
     config = {"dataset": dataset, "stage": stage, "arch": info["arch"], "pretrained": "none", "train_crop": 224,
-              "text_depth": "res50", "text_pool": text_info["text_pool"], "feature_dim": dim,
+              "text_depth": ms.TEXT_DEPTH, "text_pool": text_info["text_pool"], "feature_dim": dim,
               "text_width": text_info["text_width"], "dropout": dropouts[0] if dropouts else 0.75,
               "classifier_bias": cls_info["classifier_bias"], "backbone_style": "caffe", "backbone_bn_eps": eps,
               "backbone_width": info["backbone_width"]}

@@ -12,7 +12,7 @@ of the original networks (every parameter, its owning layer, the shape and geome
 
 MatConvNet's test-mode BN computes mult / sigma * (x - mu) + bias with the stored sigma = sqrt(var + eps_train);
 PyTorch computes weight / sqrt(running_var + eps) * (x - running_mean) + bias, so the rule above is exact.
-Nothing here imports torch: the result is a dict of NumPy arrays (views of the file's arrays where possible).
+Nothing here uses torch: the result is a dict of NumPy arrays (views of the file's arrays where possible).
 """
 from __future__ import annotations
 
@@ -22,10 +22,11 @@ from typing import Any
 
 import numpy as np
 
+from models import spec
 from prepare.core import PrepareError
 from prepare.matconvnet_io import describe
 
-NEW_BN_EPS = 1e-3  # every BN the authors' network files add (their modified dagnn.BatchNorm default)
+NEW_BN_EPS = spec.NEW_BN_EPS  # every BN the authors' network files add (their modified dagnn.BatchNorm default)
 
 
 class ConvertError(PrepareError):
@@ -322,7 +323,7 @@ def convert(dag: DagNN, entries: list[Entry], backbone_eps: float) -> dict[str, 
             out[f"{e.key}.weight"] = table
         if len(values) == 2:
             _shape_check(dag, e.params[1], values[1], (cout,))
-            bias_key = "text.embed_bias" if e.kind == "embed" else f"{e.key}.bias"
+            bias_key = spec.TEXT_EMBED_BIAS if e.kind == "embed" else f"{e.key}.bias"
             out[bias_key] = values[1].ravel(order="F")
     return out
 

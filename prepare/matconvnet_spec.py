@@ -1,20 +1,21 @@
-"""The original networks as lists of ``Entry`` (reference matconvnet_models.md sections 3, 4 and 6): every parameter
-of the Caffe ResNet backbone, the authors' image head, text CNN and shared classifier, with the layer that owns it,
-the shape it must have (from widths inferred from the file) and the geometry (stride, pad) of its PyTorch module.
-The target keys are those of ``models`` (torchvision names for the backbone; ``image.*``, ``text.*``,
-``classifier`` for the DualPath), written out here by name: this package never imports the models.
+"""The original networks as lists of ``Entry`` and ``Node`` (reference matconvnet_models.md sections 3, 4 and 6):
+every parameter of the Caffe ResNet backbone, the authors' image head, text CNN and shared classifier, with the
+layer that owns it, the shape it must have (from widths inferred from the file), the geometry (stride, pad) and the
+state-dict key of its PyTorch module; and every layer's wiring from the inputs to the features and the classifier.
+Block counts, widths, the key names and the new BNs' epsilon are ``models/spec.py``'s; the MatConvNet names (Caffe's
+``res{S}{b}_branch2a``, the authors' ``fc2_1``, ``fc3_5a_2``, ...) are this module's.
 """
 from __future__ import annotations
 
 import string
 from typing import Any
 
+from models import spec
 from prepare.matconvnet_io import describe
 from prepare.matconvnet_net import DagNN, Entry, Node
 
-ARCH_BLOCKS = {(3, 4, 6, 3): "resnet50", (3, 8, 36, 3): "resnet152"}
-EMBED_DIM = 300
-TEXT_STAGES = ((3, 128, 256, 1), (4, 512, 512, 2), (6, 1024, 1024, 2), (1, 2048, 2048, 1))  # text CNN "res50"
+ARCH_BLOCKS = {blocks: arch for arch, blocks in spec.RESNET_BLOCKS.items()}
+TEXT_DEPTH = "res50"  # the authors' text CNN (the only one in their files)
 
 
 def _block_ids(n: int, numbered: bool) -> list[str]:
@@ -38,6 +39,10 @@ def resnet_arch(dag: DagNN) -> tuple[str, tuple[tuple[str, ...], ...]]:
     return arch, tuple(ids)
 
 
+def _bn(layer: str, names: tuple[str, str, str], key: str, channels: int, group: str = "new") -> Entry:
+    return Entry("bn", layer, names, key, (channels,), group=group)
+
+
 def resnet_spec(dag: DagNN) -> tuple[list[Entry], list[Node], dict[str, Any]]:
     """The Caffe ResNet backbone (torchvision key names) with widths inferred from conv1, and its wiring from
     ``data`` to ``pool5`` (reference section 3: Caffe layer names; a block's sum ``res{S}{b}`` and ReLU)."""
@@ -46,49 +51,47 @@ def resnet_spec(dag: DagNN) -> tuple[list[Entry], list[Node], dict[str, Any]]:
     if conv1 is None or conv1.ndim != 4 or conv1.shape[:3] != (7, 7, 3):
         raise dag.fail(f"param 'conv1_filter' must be 7x7x3xC (the Caffe ResNet conv1), got "
                        f"{describe(conv1) if conv1 is not None else 'nothing'}")
-    base = int(conv1.shape[3])  # 64 x backbone_width
-    entries = [Entry("conv2d", "conv1", ("conv1_filter", "conv1_bias"), "conv1", (7, 7, 3, base), 2, (3, 3, 3, 3),
+    base = int(conv1.shape[3])  # RESNET_STEM x backbone_width
+    width = base / spec.RESNET_STEM
+    stem_conv, stem_bn = spec.BACKBONE_SEQUENCE[:2]
+    entries = [Entry("conv2d", "conv1", ("conv1_filter", "conv1_bias"), stem_conv, (7, 7, 3, base), 2, (3, 3, 3, 3),
                      "backbone"),
-               Entry("bn", "bn_conv1", ("bn_conv1_mult", "bn_conv1_bias", "bn_conv1_moments"), "bn1", (base,),
-                     group="backbone")]
+               _bn("bn_conv1", ("bn_conv1_mult", "bn_conv1_bias", "bn_conv1_moments"), stem_bn, base, "backbone")]
     nodes = [Node("conv1", "dagnn.Conv", ("data",)), Node("bn_conv1", "dagnn.BatchNorm", ("conv1",)),
              Node("conv1_relu", "dagnn.ReLU", ("bn_conv1",)), Node("pool1", "dagnn.Pooling", ("conv1_relu",))]
-    cin, x = base, "pool1"
-    for s, (stage, blocks) in enumerate(zip((2, 3, 4, 5), ids)):
-        mid = base * 2 ** s
-        out = 4 * mid
-        for k, b in enumerate(blocks):
-            first_stride = 2 if (k == 0 and stage > 2) else 1
-            pre = f"layer{s + 1}.{k}"
-            y = x
-            for branch, conv, size, stride, pad in (
-                    ("2a", "conv1", (1, 1, cin, mid), first_stride, 0), ("2b", "conv2", (3, 3, mid, mid), 1, 1),
-                    ("2c", "conv3", (1, 1, mid, out), 1, 0)):
-                name = f"res{stage}{b}_branch{branch}"
-                entries.append(Entry("conv2d", name, (f"{name}_filter",), f"{pre}.{conv}", size, stride,
-                                     (pad,) * 4, "backbone"))
-                bn = f"bn{stage}{b}_branch{branch}"
-                entries.append(Entry("bn", bn, (f"{bn}_mult", f"{bn}_bias", f"{bn}_moments"),
-                                     f"{pre}.bn{conv[-1]}", (size[3],), group="backbone"))
-                nodes += [Node(name, "dagnn.Conv", (y,)), Node(bn, "dagnn.BatchNorm", (name,))]
-                y = bn
-                if branch != "2c":
-                    nodes.append(Node(f"{name}_relu", "dagnn.ReLU", (bn,)))
-                    y = f"{name}_relu"
-            shortcut = x
-            if k == 0:
-                name, bn = f"res{stage}a_branch1", f"bn{stage}a_branch1"
-                entries.append(Entry("conv2d", name, (f"{name}_filter",), f"{pre}.downsample.0", (1, 1, cin, out),
-                                     1 if stage == 2 else 2, group="backbone"))
-                entries.append(Entry("bn", bn, (f"{bn}_mult", f"{bn}_bias", f"{bn}_moments"),
-                                     f"{pre}.downsample.1", (out,), group="backbone"))
-                nodes += [Node(name, "dagnn.Conv", (x,)), Node(bn, "dagnn.BatchNorm", (name,))]
-                shortcut = bn
-            nodes += [Node(f"res{stage}{b}", "dagnn.Sum", (shortcut, y)),
-                      Node(f"res{stage}{b}_relu", "dagnn.ReLU", (f"res{stage}{b}",))]
-            cin, x = out, f"res{stage}{b}_relu"
+    x = "pool1"
+    blocks = spec.resnet_blocks(arch, width)
+    for blk in blocks:
+        stage, b = blk.stage + 2, ids[blk.stage][blk.index]  # Caffe's res2a .. res5c (res3b1 .. of ResNet-152)
+        y = x
+        for (branch, size, stride, pad), (conv, norm) in zip(
+                (("2a", (1, 1, blk.cin, blk.mid), blk.stride, 0), ("2b", (3, 3, blk.mid, blk.mid), 1, 1),
+                 ("2c", (1, 1, blk.mid, blk.cout), 1, 0)), spec.CAFFE_BOTTLENECK):
+            name, bn = f"res{stage}{b}_branch{branch}", f"bn{stage}{b}_branch{branch}"
+            entries += [Entry("conv2d", name, (f"{name}_filter",), f"{blk.key}.{conv}", size, stride, (pad,) * 4,
+                              "backbone"),
+                        _bn(bn, (f"{bn}_mult", f"{bn}_bias", f"{bn}_moments"), f"{blk.key}.{norm}", size[3],
+                            "backbone")]
+            nodes += [Node(name, "dagnn.Conv", (y,)), Node(bn, "dagnn.BatchNorm", (name,))]
+            y = bn
+            if branch != "2c":
+                nodes.append(Node(f"{name}_relu", "dagnn.ReLU", (bn,)))
+                y = f"{name}_relu"
+        shortcut = x
+        if blk.projection:
+            name, bn = f"res{stage}{b}_branch1", f"bn{stage}{b}_branch1"
+            conv, norm = spec.CAFFE_PROJECTION
+            entries += [Entry("conv2d", name, (f"{name}_filter",), f"{blk.key}.{conv}", (1, 1, blk.cin, blk.cout),
+                              blk.stride, group="backbone"),
+                        _bn(bn, (f"{bn}_mult", f"{bn}_bias", f"{bn}_moments"), f"{blk.key}.{norm}", blk.cout,
+                            "backbone")]
+            nodes += [Node(name, "dagnn.Conv", (x,)), Node(bn, "dagnn.BatchNorm", (name,))]
+            shortcut = bn
+        nodes += [Node(f"res{stage}{b}", "dagnn.Sum", (shortcut, y)),
+                  Node(f"res{stage}{b}_relu", "dagnn.ReLU", (f"res{stage}{b}",))]
+        x = f"res{stage}{b}_relu"
     nodes.append(Node("pool5", "dagnn.Pooling", (x,), var="pool5"))  # fc1 (and fc1000) read it by name
-    return entries, nodes, {"arch": arch, "backbone_width": base / 64, "backbone_channels": cin}
+    return entries, nodes, {"arch": arch, "backbone_width": width, "backbone_channels": blocks[-1].cout}
 
 
 def head_spec(dag: DagNN, channels: int) -> tuple[list[Entry], list[Node], dict[str, Any]]:
@@ -98,10 +101,11 @@ def head_spec(dag: DagNN, channels: int) -> tuple[list[Entry], list[Node], dict[
     if f is None or f.ndim < 4:
         raise dag.fail(f"param 'fc1_1f' must be a [1 1 D D] filter, got {describe(f) if f is not None else 'nothing'}")
     dim = int(f.shape[3])
-    entries = [Entry("conv2d", "fc1", ("fc1f",), "image.fc1", (1, 1, channels, dim)),
-               Entry("bn", "fc1bn", ("fc1bn_w", "fc1bn_b", "fc1bn_m"), "image.fc1_bn", (dim,)),
-               Entry("conv2d", "fc1_1", ("fc1_1f",), "image.fc1_1", (1, 1, dim, dim)),
-               Entry("bn", "fc1_1bn", ("fc1_1bn_w", "fc1_1bn_b", "fc1_1bn_m"), "image.fc1_1_bn", (dim,))]
+    (fc1, fc1_bn), (fc1_1, fc1_1_bn) = spec.IMAGE_HEAD
+    entries = [Entry("conv2d", "fc1", ("fc1f",), fc1, (1, 1, channels, dim)),
+               _bn("fc1bn", ("fc1bn_w", "fc1bn_b", "fc1bn_m"), fc1_bn, dim),
+               Entry("conv2d", "fc1_1", ("fc1_1f",), fc1_1, (1, 1, dim, dim)),
+               _bn("fc1_1bn", ("fc1_1bn_w", "fc1_1bn_b", "fc1_1bn_m"), fc1_1_bn, dim)]
     nodes = [Node("fc1", "dagnn.Conv", ("pool5",)), Node("fc1bn", "dagnn.BatchNorm", ("fc1",)),
              Node("fc1x", "dagnn.ReLU", ("fc1bn",)), Node("fc1_1", "dagnn.Conv", ("fc1x",)),
              Node("fc1_1bn", "dagnn.BatchNorm", ("fc1_1",), var="fc1_1bn"), Node("fc1_1x", "dagnn.ReLU", ("fc1_1bn",)),
@@ -109,8 +113,13 @@ def head_spec(dag: DagNN, channels: int) -> tuple[list[Entry], list[Node], dict[
     return entries, nodes, {"feature_dim": dim}
 
 
-def _text_width(c: int, width: float) -> int:
-    return max(4, round(c * width))  # the same rounding as models.text_cnn.TextCNN
+def _text_names(blocks: list[spec.Block]) -> list[tuple[str, str]]:
+    """(prefix, kind) of each text block as the authors named it: fc2_1 (the first projection), fc2_2, fc2_3 (identity),
+    fc2_4 (a projection, its main path fc2_4a_k), fc3_2 .. fc3_4, fc3_5, fc4_2 .. fc4_6, fc4_7 (reference 4.2)."""
+    counts = [sum(b.stage == i for b in blocks) for i in range(blocks[-1].stage + 1)]
+    return [("fc2_1", "first") if (b.stage, b.index) == (0, 0)
+            else (f"fc{b.stage + 1}_{counts[b.stage - 1] + 1}", "proj") if b.index == 0
+            else (f"fc{b.stage + 2}_{b.index + 1}", "id") for b in blocks]
 
 
 def text_spec(dag: DagNN, dim: int) -> tuple[list[Entry], list[Node], dict[str, Any]]:
@@ -118,59 +127,48 @@ def text_spec(dag: DagNN, dim: int) -> tuple[list[Entry], list[Node], dict[str, 
     from ``data2`` to ``fc5_2bn`` (the test feature) and dropout2."""
     f = dag.params.get("fc2f")
     if f is None or f.ndim != 4 or f.shape[:2] != (1, 1):
-        raise dag.fail(f"param 'fc2f' must be the [1 1 V 300] word2vec layer, got "
+        raise dag.fail(f"param 'fc2f' must be the [1 1 V {spec.EMBED_DIM}] word2vec layer, got "
                        f"{describe(f) if f is not None else 'nothing'}")
     vocab = int(f.shape[2])
     out0 = dag.params.get("fc2_1_3f")
     if out0 is None or out0.ndim != 4:
         raise dag.fail("param 'fc2_1_3f' (the first text block's output conv) is missing or not a 4-D filter")
-    width = int(out0.shape[3]) / 256
-    entries = [Entry("embed", "fc2", ("fc2f", "fc2b"), "text.embed", (1, 1, vocab, EMBED_DIM)),
-               Entry("bn", "fc2bn", ("fc2bn_w", "fc2bn_b", "fc2bn_m"), "text.embed_bn", (EMBED_DIM,))]
+    width = int(out0.shape[3]) / spec.TEXT_STAGES[TEXT_DEPTH][0][2]
+    entries = [Entry("embed", "fc2", ("fc2f", "fc2b"), spec.TEXT_EMBED, (1, 1, vocab, spec.EMBED_DIM)),
+               _bn("fc2bn", ("fc2bn_w", "fc2bn_b", "fc2bn_m"), spec.TEXT_EMBED_BN, spec.EMBED_DIM)]
     nodes = [Node("fc2", "dagnn.Conv", ("data2",)), Node("fc2bn", "dagnn.BatchNorm", ("fc2",))]
     x = "fc2bn"  # no ReLU after it
-    names = [("fc2_1", "first")] + [(f"fc2_{i}", "id") for i in (2, 3)] + [("fc2_4", "proj")]
-    names += [(f"fc3_{i}", "id") for i in (2, 3, 4)] + [("fc3_5", "proj")]
-    names += [(f"fc4_{i}", "id") for i in range(2, 7)] + [("fc4_7", "proj")]
-    plan = [(n_blocks, pmid, cout, stride) for n_blocks, pmid, cout, stride in TEXT_STAGES]
-    shapes = []  # (cin, mid, cout, stride) per block, the same rule as TextCNN
-    cin = EMBED_DIM
-    for n_blocks, pmid, cout, stride in plan:
-        pmid, cout = _text_width(pmid, width), _text_width(cout, width)
-        shapes.append((cin, pmid, cout, stride))
-        shapes += [(cout, cout // 4, cout, 1)] * (n_blocks - 1)
-        cin = cout
-    for k, ((prefix, kind), (cin, mid, cout, stride)) in enumerate(zip(names, shapes)):
-        key = f"text.blocks.{k}"
+    blocks = spec.text_blocks(TEXT_DEPTH, width)
+    for blk, (prefix, kind) in zip(blocks, _text_names(blocks)):
         main = f"{prefix}a" if kind == "proj" else prefix
-        convs = [(f"{main}_1", (1, 1, cin, mid), 1, "branch.0", "branch.1"),
-                 (f"{main}_2", (1, 2, mid, mid), stride, "branch.3.conv", "branch.4"),
-                 (f"{main}_3", (1, 1, mid, cout), 1, "branch.6", "branch.7")]
         y = x
-        for j, (name, size, s, conv_key, bn_key) in enumerate(convs):
-            entries.append(Entry("conv1d", name, (f"{name}f",), f"{key}.{conv_key}", size, s,
-                                 (0, 0, 1, 0) if size[1] == 2 else (0, 0, 0, 0)))
+        for j, ((name, size, stride), (conv, norm)) in enumerate(zip(
+                ((f"{main}_1", (1, 1, blk.cin, blk.mid), 1), (f"{main}_2", (1, 2, blk.mid, blk.mid), blk.stride),
+                 (f"{main}_3", (1, 1, blk.mid, blk.cout), 1)), spec.TEXT_BRANCH)):
             bn_layer = f"{name}bn_1" if (kind == "id" and j == 0) else f"{name}bn"
-            entries.append(Entry("bn", bn_layer, (f"{name}bn_w", f"{name}bn_b", f"{name}bn_m"),
-                                 f"{key}.{bn_key}", (size[3],)))
+            entries += [Entry("conv1d", name, (f"{name}f",), f"{blk.key}.{conv}", size, stride,
+                              (0, 0, 1, 0) if size[1] == 2 else (0, 0, 0, 0)),
+                        _bn(bn_layer, (f"{name}bn_w", f"{name}bn_b", f"{name}bn_m"), f"{blk.key}.{norm}", size[3])]
             nodes += [Node(name, "dagnn.Conv", (y,)), Node(bn_layer, "dagnn.BatchNorm", (name,))]
             y = bn_layer
             if j < 2:
                 nodes.append(Node(f"{name}x", "dagnn.ReLU", (bn_layer,)))
                 y = f"{name}x"
         shortcut = x
-        if kind != "id":
+        if blk.projection:
             short = f"{prefix}b"
-            entries.append(Entry("conv1d", short, (f"{short}f",), f"{key}.shortcut.0", (1, 1, cin, cout), stride))
-            entries.append(Entry("bn", f"{short}bn", (f"{short}bn_w", f"{short}bn_b", f"{short}bn_m"),
-                                 f"{key}.shortcut.1", (cout,)))
+            conv, norm = spec.TEXT_SHORTCUT
+            entries += [Entry("conv1d", short, (f"{short}f",), f"{blk.key}.{conv}", (1, 1, blk.cin, blk.cout),
+                              blk.stride),
+                        _bn(f"{short}bn", (f"{short}bn_w", f"{short}bn_b", f"{short}bn_m"), f"{blk.key}.{norm}",
+                            blk.cout)]
             nodes += [Node(short, "dagnn.Conv", (x,)), Node(f"{short}bn", "dagnn.BatchNorm", (short,))]
             shortcut = f"{short}bn"
         nodes += [Node(f"{prefix}sum", "dagnn.Sum", (shortcut, y)), Node(f"{prefix}x", "dagnn.ReLU", (f"{prefix}sum",))]
         x = f"{prefix}x"
-    text_out = shapes[-1][2]
-    entries += [Entry("linear", "fc5_2", ("fc5_2f",), "text.fc", (1, 1, text_out, dim)),
-                Entry("bn", "fc5_2bn", ("fc5_2bn_w", "fc5_2bn_b", "fc5_2bn_m"), "text.fc_bn", (dim,))]
+    fc, fc_bn = spec.TEXT_FC
+    entries += [Entry("linear", "fc5_2", ("fc5_2f",), fc, (1, 1, blocks[-1].cout, dim)),
+                _bn("fc5_2bn", ("fc5_2bn_w", "fc5_2bn_b", "fc5_2bn_m"), fc_bn, dim)]
     nodes += [Node("fc5_1", "dagnn.Pooling", (x,)), Node("fc5_2", "dagnn.Conv", ("fc5_1",)),
               Node("fc5_2bn", "dagnn.BatchNorm", ("fc5_2",), var="fc5_2bn"), Node("fc5_2x", "dagnn.ReLU", ("fc5_2bn",)),
               Node("dropout2", "dagnn.DropOut", ("fc5_2x",))]
@@ -182,8 +180,8 @@ def text_spec(dag: DagNN, dim: int) -> tuple[list[Entry], list[Node], dict[str, 
         raise dag.fail(f"layer 'fc5_1': expected a max (or avg) pooling [1 L/4] over the whole sentence, stride 1, "
                        f"pad 0; got method {method!r}, poolSize {size}, stride {dag.number(pool, 'stride', 2)}, "
                        f"pad {dag.number(pool, 'pad', 4)}")
-    return entries, nodes, {"vocab_size": vocab, "text_width": width, "max_len": int(size[1]) * 4,
-                            "text_pool": method}
+    return entries, nodes, {"vocab_size": vocab, "text_width": width,
+                            "max_len": int(size[1]) * spec.text_downsample(TEXT_DEPTH), "text_pool": method}
 
 
 def classifier_spec(dag: DagNN, dim: int) -> tuple[list[Entry], list[Node], dict[str, Any]]:
@@ -200,5 +198,5 @@ def classifier_spec(dag: DagNN, dim: int) -> tuple[list[Entry], list[Node], dict
             raise dag.fail(f"layer {layer!r} has params {list(got)}, expected {list(names)}: both paths must share "
                            f"one classifier W")
     nodes = [Node("fc_img", "dagnn.Conv", ("dropout",)), Node("fc_txt", "dagnn.Conv", ("dropout2",))]
-    return [Entry("linear", "fc_img", names, "classifier", (1, 1, dim, int(w.shape[3])))], nodes, \
+    return [Entry("linear", "fc_img", names, spec.CLASSIFIER, (1, 1, dim, int(w.shape[3])))], nodes, \
         {"num_classes": int(w.shape[3]), "classifier_bias": bias}

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 import torch
 
+from models import spec
 from tests import matconvnet_fixtures as fx
 from tests import mcn_reference as ref
 from prepare import matconvnet as conv
@@ -340,7 +341,7 @@ def test_backbone_file_and_sidecar_load_as_caffe_style(files, tmp_path):
 def test_resnet152_block_names_map_to_the_right_layers():
     """ResNet-152's Caffe names res3b1..res3b7, res4b1..res4b35 land in layer2[1..7], layer3[1..35]."""
     from models.image_cnn import ImageCNN
-    nb = fx.resnet_net(width=1 / 16, seed=2, blocks=(3, 8, 36, 3), fc1000=False)
+    nb = fx.resnet_net(width=1 / 16, seed=2, blocks=spec.RESNET_BLOCKS["resnet152"], fc1000=False)
     mean = np.array([[[100.0, 110.0, 120.0]]])
     state, side = conv.backbone_state(mn.parse_dagnn(Path("imagenet-resnet-152-dag.mat"),
                                                      fx.plain(fx.net_struct(nb, mean))[0]))
