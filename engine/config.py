@@ -46,7 +46,7 @@ class Config:
     classifier_bias: bool = True  # shared W bias: yes for Flickr30k-ResNet-50 and CUHK, no for MSCOCO (spec 6.1)
     position_shift: bool = True  # False = left alignment (Table 4 ablation)
     backbone_bn: str = "paper"  # "update": backbone BN statistics move at 0.1 in both stages (random init only)
-    # "caffe" = the original MatConvNet backbone (prepare.matconvnet backbone), input 0-255 minus the training images'
+    # "caffe" = the original MatConvNet backbone (python -m matconvnet backbone), input 0-255 minus the training images'
     # RGB mean; "torchvision" = torchvision's weights with ImageNet mean/std; "auto" = caffe when --pretrained FILE
     # has a caffe sidecar FILE.json, else torchvision. Checkpoints store the resolved value (models/image_cnn.py).
     backbone_style: str = "auto"

@@ -55,7 +55,7 @@ def _ignore_stop_signals(_worker_id: int) -> None:
 
 def resolve_backbone_style(cfg: Config, init: dict | None) -> str:
     """The concrete backbone style of a run: the config's, or for "auto" the Stage I checkpoint's (Stage II), else
-    "caffe" when ``pretrained`` is a file with a caffe sidecar (``prepare.matconvnet backbone``), else torchvision.
+    "caffe" when ``pretrained`` is a file with a caffe sidecar (``python -m matconvnet backbone``), else torchvision.
     Checkpoints written before the styles existed are torchvision."""
     if cfg.backbone_style != "auto":
         return cfg.backbone_style

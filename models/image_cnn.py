@@ -22,7 +22,7 @@ Two backbone styles (decision 17), never mixed silently:
 * ``style="torchvision"``: torchvision's ResNet/VGG with its ImageNet weights; input [0, 1] RGB with ImageNet
   mean/std.
 * ``style="caffe"``: the original's MatConvNet backbone (``models/caffe_resnet.py``; VGG keeps torchvision's
-  structure), loaded from a file written by ``python -m prepare.matconvnet backbone``, whose sidecar ``FILE.json``
+  structure), loaded from a file written by ``python -m matconvnet backbone``, whose sidecar ``FILE.json``
   says ``"style": "caffe"``; input 0-255 RGB minus a mean, no std. The mean is the RGB mean of the training images
   (the prepared manifest's ``rgb_mean``, as the original used ``imdb.rgbMean``) or, for a converted trained network,
   its stored ``averageImage``.
@@ -106,7 +106,7 @@ def read_sidecar(pretrained: str) -> dict:
 
 def weights_style(pretrained: str) -> str:
     """The backbone style a ``--pretrained`` value needs: "caffe" for a file whose sidecar says so (written by
-    ``python -m prepare.matconvnet backbone``), else "torchvision" (torchvision's own weights, or a state dict
+    ``python -m matconvnet backbone``), else "torchvision" (torchvision's own weights, or a state dict
     without a caffe sidecar)."""
     return read_sidecar(pretrained).get("style", "torchvision")
 
@@ -126,7 +126,7 @@ def load_pretrained_state(arch: str, pretrained: str, style: str = "torchvision"
     if pretrained == "imagenet":
         if style == "caffe":
             raise InvalidValue("backbone_style caffe needs the original MatConvNet weights: convert "
-                             "imagenet-resnet-50-dag.mat with `python -m prepare.matconvnet backbone FILE.mat --out "
+                             "imagenet-resnet-50-dag.mat with `python -m matconvnet backbone FILE.mat --out "
                              "FILE.pth` and pass --pretrained FILE.pth ('imagenet' means torchvision's weights)")
         path = imagenet_weights_path(arch)
         if not path.is_file():

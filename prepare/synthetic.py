@@ -307,7 +307,8 @@ def make_synthetic(out_dir: str | Path, images: int = 600, seed: int = 0, val: i
     val = default_holdout(images) if val is None else val
     test = default_holdout(images) if test is None else test
     if images < 3 or val < 0 or test < 0 or val + test >= images:
-        raise InvalidValue(f"need images >= 3 and 0 <= val + test < images (got images={images}, val={val}, test={test})")
+        raise InvalidValue(f"need images >= 3 and 0 <= val + test < images (got images={images}, val={val}, "
+                           f"test={test})")
     if images > 50000:
         raise InvalidValue("at most 50000 images (unique scenes become scarce)")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:

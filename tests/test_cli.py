@@ -6,8 +6,8 @@
   exit status 2, no traceback;
 - ``evaluate.py --embeddings`` never imports torchvision or the models.
 
-Entry points are discovered (every root/prepare/engine/bench ``*.py`` with a ``__main__`` block), so a new one is
-checked without editing this file.
+Entry points are discovered (every root/prepare/matconvnet/engine/bench ``*.py`` with a ``__main__`` block), so a new
+one is checked without editing this file.
 """
 from __future__ import annotations
 
@@ -90,7 +90,8 @@ def test_every_entry_point_is_discovered():
     found = {ep_id(ep) for ep in ENTRY_POINTS}
     assert {"train_stage1.py", "train_stage2.py", "evaluate.py", "-m engine.search", "-m prepare.flickr30k",
             "-m prepare.flickr8k", "-m prepare.coco", "-m prepare.cuhk_pedes", "-m prepare.synthetic",
-            "-m prepare.synthetic_backbone", "bench/eval_speed.py", "bench/cli_speed.py"} <= found
+            "-m prepare.synthetic_backbone", "-m matconvnet", "-m engine.browse", "bench/eval_speed.py",
+            "bench/cli_speed.py"} <= found
 
 
 # ------------------------------------------------------------------------------------------------ every entry point

@@ -11,11 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from matconvnet import convert as conv
+from matconvnet import dagnn as mn
+from matconvnet.__main__ import main as convert_cli
+from prepare.dictionary import GivenDictionary
 from tests import matconvnet_fixtures as fx
 from tests import mcn_reference as ref
-from prepare import matconvnet as conv
-from prepare import matconvnet_net as mn
-from prepare.dictionary import GivenDictionary
 
 MEAN = np.array([[[121.5, 113.25, 101.0]]])
 VOCAB = 12
@@ -152,7 +153,7 @@ def test_backbone_wiring_is_checked_and_the_cli_writes_nothing(tmp_path, capsys)
     _reads("fc1000", "pool5", "res5cx")(nb.layers)
     path = fx.save_v5(tmp_path / "imagenet-resnet-50-dag.mat", fx.net_struct(nb, MEAN))
     out = tmp_path / "out" / "r50.pth"
-    assert conv.main(["backbone", str(path), "--out", str(out)]) == 2
+    assert convert_cli(["backbone", str(path), "--out", str(out)]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0] == (
         f"error: {path}: layer 'fc1000' reads variable 'res5cx' (the output of layer 'res5c_relu'), the original reads "

@@ -1,10 +1,11 @@
 """A MatConvNet DagNN (as ``DagNN.saveobj`` writes it) checked against the original networks and mapped, BY NAME,
 to PyTorch state-dict tensors (reference: /work/shared/reference/matconvnet_models.md, sections 2-6 and 9).
 
-``parse_dagnn`` turns the plain struct of ``prepare.matconvnet_io`` into a ``DagNN`` (layers by name, params by
-name, unknown block fields such as the vendored ``init`` ignored). ``prepare.matconvnet_spec`` lists the ``Entry``s
+``parse_dagnn`` turns the plain struct of ``prepare.matfile`` into a ``DagNN`` (layers by name, params by
+name, unknown block fields such as the vendored ``init`` ignored). ``matconvnet.layout`` lists the ``Entry``s
 of the original networks (every parameter, its owning layer, the shape and geometry it must have).
-``check_inventory`` and ``convert`` check the names (exactly those), every shape and every geometry, then build:
+``check_inventory``, ``check_wiring`` and ``convert`` check the names (exactly those), the wiring, every shape and
+every geometry, then build:
 
     conv filter  h x w x Cin x Cout  -> Conv2d (Cout, Cin, h, w) / Conv1d (Cout, Cin, w) / Linear (Cout, Cin)
     BatchNorm    mult, bias, moments = [mu, sigma]  -> weight, bias, running_mean = mu,
@@ -23,13 +24,12 @@ from typing import Any
 import numpy as np
 
 from models import spec
-from prepare.core import PrepareError
-from prepare.matconvnet_io import describe
-
-NEW_BN_EPS = spec.NEW_BN_EPS  # every BN the authors' network files add (their modified dagnn.BatchNorm default)
+from prepare.matfile import describe
+from utils.cli import UserError
 
 
-class ConvertError(PrepareError):
+
+class ConvertError(UserError):
     """The file is not the network the converter expects; the message names the file, layer/param and the rule."""
 
 
@@ -290,10 +290,10 @@ def convert(dag: DagNN, entries: list[Entry], backbone_eps: float) -> dict[str, 
             for p, v, want in zip(e.params, values, ((c,), (c,), (c, 2))):
                 _shape_check(dag, p, v, want)
             file_eps = dag.number(layer, "epsilon", 1)[0]
-            eps = backbone_eps if e.group == "backbone" else NEW_BN_EPS
-            if e.group != "backbone" and not np.isclose(file_eps, NEW_BN_EPS):
-                dag.warnings.append(f"layer {e.layer!r}: epsilon {file_eps:g} (PyTorch module uses {NEW_BN_EPS:g}; "
-                                    f"running_var is set so that test-mode outputs are exact)")
+            eps = backbone_eps if e.group == "backbone" else spec.NEW_BN_EPS
+            if e.group != "backbone" and not np.isclose(file_eps, spec.NEW_BN_EPS):
+                dag.warnings.append(f"layer {e.layer!r}: epsilon {file_eps:g} (PyTorch module uses "
+                                    f"{spec.NEW_BN_EPS:g}; running_var is set so that test-mode outputs are exact)")
             mult, bias, moments = values
             sigma = moments.reshape(c, 2, order="F")[:, 1].astype(np.float64)
             var = sigma ** 2 - eps

@@ -10,9 +10,9 @@ from __future__ import annotations
 import string
 from typing import Any
 
+from matconvnet.dagnn import DagNN, Entry, Node
 from models import spec
-from prepare.matconvnet_io import describe
-from prepare.matconvnet_net import DagNN, Entry, Node
+from prepare.matfile import describe
 
 ARCH_BLOCKS = {blocks: arch for arch, blocks in spec.RESNET_BLOCKS.items()}
 TEXT_DEPTH = "res50"  # the authors' text CNN (the only one in their files)
