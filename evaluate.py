@@ -202,13 +202,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         feats, meta = from_checkpoint(args)
         if args.save_embeddings:
-            out = Path(args.save_embeddings)
-            tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.npz")  # written whole, then renamed into place
-            try:
-                np.savez(tmp, **{k: feats[k] for k in EMBEDDING_ARRAYS})
-                os.replace(tmp, out)
-            finally:
-                tmp.unlink(missing_ok=True)
+            from utils.files import atomic_write
+            with atomic_write(args.save_embeddings) as f:
+                np.savez(f, **{k: feats[k] for k in EMBEDDING_ARRAYS})
     data = meta.pop("_data", None)
     directions = {"both": ("i2t", "t2i"), "t2i": ("t2i",), None: None}[args.directions]
     if directions is None:
@@ -229,8 +225,8 @@ def run(args: argparse.Namespace) -> int:
         from engine.paper import compare_with_paper
         print(compare_with_paper(results, args.compare_paper))
     if args.out:
-        from engine.checkpoint import write_json_atomic
-        write_json_atomic(results, args.out)
+        from utils.files import write_json
+        write_json(results, args.out)
         print(f"wrote {args.out}")
     if args.visualize and data is not None:
         from engine.visualize import retrieval_figures, save_png

@@ -26,6 +26,7 @@ import numpy as np
 
 from common import ROOT, add_output_args, report, table
 from utils.cli import ArgumentParser
+from utils.files import atomic_write
 
 HEADING = "## 7. Command lines: --help and evaluate.py --embeddings"
 HEAVY = ("torch", "torchvision", "models")  # top-level packages no --help may import
@@ -89,9 +90,8 @@ def coco5k_npz(path: Path, seed: int = 0) -> Path:
         images = rng.standard_normal((5000, 2048), dtype=np.float32)
         owner = np.repeat(np.arange(5000), 5)
         texts = images[owner] + 2.0 * rng.standard_normal((25000, 2048), dtype=np.float32)
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, images=images, texts=texts, image_labels=np.arange(5000), text_labels=owner)
-        tmp.replace(path)
+        with atomic_write(path) as f:
+            np.savez(f, images=images, texts=texts, image_labels=np.arange(5000), text_labels=owner)
     return path
 
 

@@ -25,10 +25,10 @@ from typing import Any, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from utils.cli import InvalidValue
+from utils.vectors import l2_normalize
 
 __all__ = ["rank_of_first_match", "retrieval_ranks", "recall_metrics", "evaluate_retrieval", "evaluate_coco_1k",
            "DIRECTIONS", "DEFAULT_MAX_CHUNK_BYTES"]
@@ -220,7 +220,7 @@ def retrieval_ranks(images: Tensor, texts: Tensor, image_labels: Labels, text_la
     if images.shape[1] != texts.shape[1]:
         raise ValueError(f"feature sizes differ: images {tuple(images.shape)}, texts {tuple(texts.shape)}")
     if normalize:
-        images, texts = F.normalize(images, dim=1), F.normalize(texts, dim=1)  # cosine similarity
+        images, texts = l2_normalize(images), l2_normalize(texts)  # cosine similarity
     gi, gt = _group_ids(image_labels, text_labels, images.device)
     if (len(gi), len(gt)) != (len(images), len(texts)):
         raise ValueError(f"labels ({len(gi)}, {len(gt)}) do not match features ({len(images)}, {len(texts)})")

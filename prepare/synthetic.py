@@ -37,9 +37,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -49,6 +47,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from utils.cli import ArgumentParser, InvalidValue, run_guarded
+from utils.files import atomic_dir
 
 TOKEN_FILE = "results_20130124.token"
 SPLIT_FILE = "dataset_flickr30k.json"
@@ -324,11 +323,7 @@ def make_synthetic(out_dir: str | Path, images: int = 600, seed: int = 0, val: i
     heldout_at = {min(i for i in range(images) if split[i] == s) for s in ("val", "test") if s in split}
     ids = FIRST_ID + np.cumsum(rng.integers(1, 1000, size=images))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
+    with atomic_dir(out) as tmp:  # replaces OUT (checked above) only when complete
         (tmp / "images").mkdir(parents=True)
         token_lines, json_images, scene_rows, train_sents = [], [], [], []
         for i, (bg, parts) in enumerate(scenes):
@@ -355,12 +350,6 @@ def make_synthetic(out_dir: str | Path, images: int = 600, seed: int = 0, val: i
                   "captions": 5 * images, "vocab": vocab}
         (tmp / "README.txt").write_text(_readme(images, seed, counts, vocab, colours, shapes, full_captions),
                                         encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"out": str(out), "images_dir": str(out / "images"), "captions": str(out / TOKEN_FILE),
             "split_json": str(out / SPLIT_FILE), "word2vec": str(out / W2V_FILE), "scenes": str(out / "scenes.json"),
             "readme": str(out / "README.txt"), "counts": counts, "dropped_words": list(DROPPED_WORDS),

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from utils.cli import ArgumentParser, InvalidValue, run_guarded
+from utils.files import atomic_write, write_json
 
 from .synthetic import BACKGROUNDS, COLOURS, SHAPES, Shape, make_scenes, render, scene_identity
 
@@ -159,16 +159,9 @@ def pretrain(out: str | Path, arch: str = "resnet18", size: int = 64, images: in
               "loss_first_last": [round(losses[0], 4), round(float(np.mean(losses[-10:])), 4)],
               "heldout": heldout_accuracy(net, x_held, y_held), "seconds": round(time.time() - t0, 1)}
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp, tmp_json = out.with_name(f".{out.name}.tmp-{os.getpid()}"), out.with_name(f".{out.name}.json.tmp")
-    try:
-        torch.save(net.state_dict(), tmp)
-        tmp_json.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp_json, out.with_name(out.name + ".json"))
-        os.replace(tmp, out)  # last: the .pth exists only when complete
-    finally:
-        tmp.unlink(missing_ok=True)
-        tmp_json.unlink(missing_ok=True)
+    with atomic_write(out) as f:  # renamed last: the .pth exists only when complete, its .json beside it
+        torch.save(net.state_dict(), f)
+        write_json(result, out.with_name(out.name + ".json"))
     return result
 
 

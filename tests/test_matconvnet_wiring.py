@@ -85,6 +85,17 @@ REWIRED = {  # case -> (mutation of the layer list, the path whose test feature 
 }
 
 
+def _refusal(net, layers: list[dict]) -> str:
+    """The converter's error on the network ``net`` with ``layers`` instead of its own (it must refuse it)."""
+    rewired = copy.copy(net)
+    rewired.layers = layers
+    dag = mn.parse_dagnn(Path("net-epoch-7.mat"), fx.plain(fx.net_struct(rewired, MEAN))[0])
+    with pytest.raises(mn.ConvertError) as e:
+        conv.model_checkpoint(dag, GivenDictionary([f"w{i}" for i in range(VOCAB)], None, {"path": "-"}))
+    assert str(e.value).startswith("net-epoch-7.mat: "), str(e.value)
+    return str(e.value)
+
+
 @pytest.mark.parametrize("case", list(REWIRED))
 def test_rewired_files_compute_something_else_and_are_refused(case, net):
     mutate, path, fragment = REWIRED[case]
@@ -95,12 +106,8 @@ def test_rewired_files_compute_something_else_and_are_refused(case, net):
     else:
         before, after = (ref.text_feature(x, net.params, CAPTION, VOCAB, 32) for x in (net.layers, layers))
     assert before.shape == after.shape and not np.allclose(before, after, rtol=1e-3)  # every shape valid, other output
-    rewired = copy.copy(net)
-    rewired.layers = layers
-    dag = mn.parse_dagnn(Path("net-epoch-7.mat"), fx.plain(fx.net_struct(rewired, MEAN))[0])
-    with pytest.raises(mn.ConvertError) as e:
-        conv.model_checkpoint(dag, GivenDictionary([f"w{i}" for i in range(VOCAB)], None, {"path": "-"}))
-    assert str(e.value).startswith("net-epoch-7.mat: ") and fragment in str(e.value), str(e.value)
+    message = _refusal(net, layers)
+    assert fragment in message, message
 
 
 def _block(layers, name):
@@ -137,13 +144,10 @@ OTHER = {  # differences the reference above does not model (names read by the o
 @pytest.mark.parametrize("case", list(OTHER))
 def test_other_differences_are_refused(case, net):
     mutate, fragment = OTHER[case]
-    rewired = copy.copy(net)
-    rewired.layers = copy.deepcopy(net.layers)
-    mutate(rewired.layers)
-    dag = mn.parse_dagnn(Path("net-epoch-7.mat"), fx.plain(fx.net_struct(rewired, MEAN))[0])
-    with pytest.raises(mn.ConvertError) as e:
-        conv.model_checkpoint(dag, GivenDictionary([f"w{i}" for i in range(VOCAB)], None, {"path": "-"}))
-    assert str(e.value).startswith("net-epoch-7.mat: ") and fragment in str(e.value), str(e.value)
+    layers = copy.deepcopy(net.layers)
+    mutate(layers)
+    message = _refusal(net, layers)
+    assert fragment in message, message
 
 
 def test_backbone_wiring_is_checked_and_the_cli_writes_nothing(tmp_path, capsys):
