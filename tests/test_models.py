@@ -1,11 +1,11 @@
-"""Tests for models.dual_path (the shared W, spec 6.1), mixed precision, the torchvision guard, and one full-size
-forward/backward (slow)."""
+"""Tests for models.dual_path (the shared W, spec 6.1), models/spec.py, mixed precision, the torchvision guard, and one
+full-size forward/backward (slow; how long it takes is bench/'s, BENCHMARKS.md sections 1 and 5: no test asserts a
+wall-clock time)."""
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -214,7 +214,7 @@ def test_torchvision_import_in_fresh_process() -> None:
 # ------------------------------------------------------------------------------------------- full size (slow)
 
 @pytest.mark.slow
-def test_full_resnet50_and_text_cnn_forward_backward_under_30s() -> None:
+def test_full_resnet50_and_text_cnn_forward_backward() -> None:
     torch.manual_seed(0)
     model = build_model(num_classes=10, vocab_size=100, max_len=32, word2vec=None, arch="resnet50",
                         pretrained="none")
@@ -229,13 +229,10 @@ def test_full_resnet50_and_text_cnn_forward_backward_under_30s() -> None:
     tokens = torch.randint(1, 101, (2, 32))
     tokens[1, 12:] = 0
     labels = torch.tensor([3, 7])
-    start = time.perf_counter()
     out = model(images, tokens)
     j, _ = total_loss(out, labels, labels, lambda_rank=2.0, lambda_img=1.0, lambda_txt=0.1)
     j.backward()
-    elapsed = time.perf_counter() - start
     assert out["img_feature"].shape == out["txt_feature"].shape == (2, 2048)
     assert torch.isfinite(j)
     assert model.image.backbone[0].weight.grad.abs().sum() > 0
     assert model.text.embed.weight.grad.abs().sum() > 0
-    assert elapsed < 30, f"forward+backward took {elapsed:.1f} s"
