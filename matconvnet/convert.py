@@ -38,7 +38,7 @@ def load_dagnn(path: Path):
         struct = matfile.load(path, [n for n in ("layers", "params", "meta") if n in names])
     else:
         raise mn.ConvertError(f"{path}: not a MatConvNet network (variables {names}; expected 'net' as in "
-                           f"net-epoch-N.mat, or 'layers'/'params'/'meta' as in imagenet-resnet-50-dag.mat)")
+                              f"net-epoch-N.mat, or 'layers'/'params'/'meta' as in imagenet-resnet-50-dag.mat)")
     return mn.parse_dagnn(path, struct)
 
 
@@ -98,9 +98,9 @@ def convert_backbone(path: Path, out: Path, overwrite: bool = False) -> dict[str
     _refuse_existing([out, sidecar_path], overwrite)
     state, sidecar = backbone_state(load_dagnn(path))
     sidecar.update(source=str(path.resolve()), md5=file_digest(path, "md5"))
-    with atomic_write(out) as f:  # the state dict complete, then the sidecar renamed, then the state dict
+    with atomic_write(out) as f:  # the state dict written, the sidecar written and renamed, the state dict renamed
         torch.save(state, f)
-        write_json(sidecar, sidecar_path)  # (a sidecar alone is harmless: it describes no file)
+        write_json(sidecar, sidecar_path)  # (were the last step to fail, a sidecar alone describes no file: harmless)
     return sidecar
 
 

@@ -3,7 +3,8 @@ to PyTorch state-dict tensors (reference: /work/shared/reference/matconvnet_mode
 
 ``parse_dagnn`` turns the plain struct of ``prepare.matfile`` into a ``DagNN`` (layers by name, params by
 name, unknown block fields such as the vendored ``init`` ignored). ``matconvnet.layout`` lists the ``Entry``s
-of the original networks (every parameter, its owning layer, the shape and geometry it must have).
+of the original networks (every parameter, its owning layer, the shape and geometry it must have) and their ``Node``s
+(every layer from the inputs to the features and the classifier, with what it reads).
 ``check_inventory``, ``check_wiring`` and ``convert`` check the names (exactly those), the wiring, every shape and
 every geometry, then build:
 
@@ -26,7 +27,6 @@ import numpy as np
 from models import spec
 from prepare.matfile import describe
 from utils.cli import UserError
-
 
 
 class ConvertError(UserError):
