@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from prepare.cli import ArgumentParser, UserError, run_guarded
+from utils.cli import ArgumentParser, UserError, run_guarded
 
 # torch is imported after parsing, torchvision and the models only with --checkpoint (docs/cli.md)
 RESULT_KEYS = ("R@1", "R@5", "R@10", "medr", "meanr")
@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """Everything after parsing; a UserError (or OSError / ValueError) names the file that is wrong."""
+    """Everything after parsing; a UserError (or OSError) names the file that is wrong, anything else is a bug."""
     if args.table:
         print(print_table(args.table))
         return 0
@@ -202,13 +202,9 @@ def run(args: argparse.Namespace) -> int:
     else:
         feats, meta = from_checkpoint(args)
         if args.save_embeddings:
-            out = Path(args.save_embeddings)
-            tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}.npz")  # written whole, then renamed into place
-            try:
-                np.savez(tmp, **{k: feats[k] for k in EMBEDDING_ARRAYS})
-                os.replace(tmp, out)
-            finally:
-                tmp.unlink(missing_ok=True)
+            from utils.files import atomic_write
+            with atomic_write(args.save_embeddings) as f:
+                np.savez(f, **{k: feats[k] for k in EMBEDDING_ARRAYS})
     data = meta.pop("_data", None)
     directions = {"both": ("i2t", "t2i"), "t2i": ("t2i",), None: None}[args.directions]
     if directions is None:
@@ -216,7 +212,7 @@ def run(args: argparse.Namespace) -> int:
     n_img = len(feats["images"])
     try:
         results = score(feats, args.coco_1k, directions)
-    except ValueError as e:  # labels without a match, --coco-1k on a size that is not 5 folds of 1,000
+    except UserError as e:  # labels without a match, --coco-1k on a size that is not 5 folds of 1,000
         source = (f"--embeddings {args.embeddings}" if args.embeddings
                   else f"--checkpoint {args.checkpoint} on {args.data}")
         raise UserError(f"{source}: {e}") from None
@@ -229,8 +225,8 @@ def run(args: argparse.Namespace) -> int:
         from engine.paper import compare_with_paper
         print(compare_with_paper(results, args.compare_paper))
     if args.out:
-        from engine.checkpoint import write_json_atomic
-        write_json_atomic(results, args.out)
+        from utils.files import write_json
+        write_json(results, args.out)
         print(f"wrote {args.out}")
     if args.visualize and data is not None:
         from engine.visualize import retrieval_figures, save_png

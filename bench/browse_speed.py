@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DEFAULT_CACHE, ROOT, add_output_args, report, table, usable_cores  # noqa: E402
 
-from prepare.cli import ArgumentParser  # noqa: E402
+from utils.cli import ArgumentParser  # noqa: E402
 
 HEADING = "## 6. Retrieval browser: start-up and request times"
 

@@ -1,8 +1,8 @@
 """Benchmark: command lines that answer at once (issue 13, docs/cli.md).
 
-(a) ``--help`` of every entry point (every ``*.py`` of the repository root, ``prepare/``, ``engine/`` and ``bench/``
-    with an ``if __name__ == "__main__":`` block), as a whole process: wall and CPU seconds (user + system; less
-    sensitive to other processes on a shared machine), each the best of R, and whether the
+(a) ``--help`` of every entry point (every ``*.py`` of the repository root, ``prepare/``, ``matconvnet/``,
+    ``engine/`` and ``bench/`` with an ``if __name__ == "__main__":`` block), as a whole process: wall and CPU
+    seconds (user + system; less sensitive to other processes on a shared machine), each the best of R, and whether the
     process imported torch, torchvision or the models (``python -X importtime``). References: ``python -c pass`` and
     ``python -c "import torch"``.
 (b) ``evaluate.py --embeddings`` on COCO-5K-sized features (5,000 x 2048 images, 25,000 x 2048 texts, float32) as a
@@ -25,7 +25,8 @@ import common  # noqa: F401  (puts the repository root on sys.path)
 import numpy as np
 
 from common import ROOT, add_output_args, report, table
-from prepare.cli import ArgumentParser
+from utils.cli import ArgumentParser
+from utils.files import atomic_write
 
 HEADING = "## 7. Command lines: --help and evaluate.py --embeddings"
 HEAVY = ("torch", "torchvision", "models")  # top-level packages no --help may import
@@ -33,16 +34,20 @@ BASELINE = ("import sys, numpy as np, torch; z = np.load(sys.argv[1]); "
             "s = torch.from_numpy(z['images']) @ torch.from_numpy(z['texts']).T")
 
 
+PACKAGES = ("prepare", "matconvnet", "engine")  # entry points run as ``python -m PACKAGE[.MODULE]``
+
+
 def entry_points(root: Path = ROOT) -> list[list[str]]:
-    """The command (after ``python``) of every entry point: scripts as paths, package modules with ``-m``."""
+    """The command (after ``python``) of every entry point: scripts as paths, package modules with ``-m`` (a
+    package's ``__main__.py`` as ``-m PACKAGE``)."""
     out = []
-    for folder in ("", "prepare", "engine", "bench"):
+    for folder in ("", *PACKAGES, "bench"):
         for path in sorted((root / folder).glob("*.py")):
             if 'if __name__ == "__main__":' not in path.read_text(encoding="utf-8"):
                 continue
-            rel = path.relative_to(root)
-            out.append(["-m", ".".join(rel.with_suffix("").parts)] if folder in ("prepare", "engine")
-                       else [str(rel)])
+            rel = path.relative_to(root).with_suffix("")
+            parts = rel.parts[:-1] if rel.name == "__main__" else rel.parts
+            out.append(["-m", ".".join(parts)] if folder in PACKAGES else [str(path.relative_to(root))])
     return out
 
 
@@ -85,9 +90,8 @@ def coco5k_npz(path: Path, seed: int = 0) -> Path:
         images = rng.standard_normal((5000, 2048), dtype=np.float32)
         owner = np.repeat(np.arange(5000), 5)
         texts = images[owner] + 2.0 * rng.standard_normal((25000, 2048), dtype=np.float32)
-        tmp = path.with_name(path.name + ".tmp.npz")
-        np.savez(tmp, images=images, texts=texts, image_labels=np.arange(5000), text_labels=owner)
-        tmp.replace(path)
+        with atomic_write(path) as f:
+            np.savez(f, images=images, texts=texts, image_labels=np.arange(5000), text_labels=owner)
     return path
 
 

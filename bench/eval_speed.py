@@ -31,7 +31,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from common import append_to_benchmarks, cpu_model  # noqa: E402  (bench/common.py)
-from prepare.cli import ArgumentParser  # noqa: E402
+from utils.cli import ArgumentParser  # noqa: E402
 
 if TYPE_CHECKING:
     import torch

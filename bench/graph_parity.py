@@ -23,7 +23,7 @@ import common  # noqa: F401  (puts the repository root on sys.path)
 from common import (DEFAULT_CACHE, add_output_args, build_trainer, default_image_size, device, pad_classifier,
                     report, synthetic_prepared, table)
 
-from prepare.cli import ArgumentParser  # noqa: E402
+from utils.cli import ArgumentParser  # noqa: E402
 
 HEADING = "## 10. Captured vs eager training step"
 

@@ -36,7 +36,7 @@ HEADING = "## 2. Data pipeline"
 MARGIN = 1.25
 
 
-from prepare.cli import ArgumentParser  # noqa: E402
+from utils.cli import ArgumentParser  # noqa: E402
 
 if TYPE_CHECKING:
     import torch

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 import common  # noqa: F401  (puts the repository root on sys.path)
 
 from common import add_output_args, device, report, table
-from prepare.cli import ArgumentParser
+from utils.cli import ArgumentParser
 
 if TYPE_CHECKING:
     import torch

@@ -28,7 +28,7 @@ import common  # noqa: F401  (puts the repository root on sys.path)
 import numpy as np
 
 from common import DEFAULT_CACHE, add_output_args, build_trainer, report, synthetic_prepared, table
-from prepare.cli import ArgumentParser  # noqa: E402  (one-line usage errors)
+from utils.cli import ArgumentParser  # noqa: E402  (one-line usage errors)
 
 HEADING = "## 8. Precision: fp32 vs bf16 autocast drift"
 CONFIG = "configs/demo.yaml"

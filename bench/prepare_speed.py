@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 
 from common import add_output_args, report, table, usable_cores
-from prepare.cli import ArgumentParser
+from utils.cli import ArgumentParser
 
 HEADING = "## 3. Preparation: image resizing"
 

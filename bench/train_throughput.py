@@ -40,7 +40,7 @@ import common  # noqa: F401  (puts the repository root on sys.path)
 from common import (DEFAULT_CACHE, add_output_args, build_trainer, default_image_size, device, model_step_fn,
                     pad_classifier, report, sync, synthetic_prepared, table, time_repeated)
 
-from prepare.cli import ArgumentParser  # noqa: E402
+from utils.cli import ArgumentParser  # noqa: E402
 
 HEADING = "## 1. Training step: real loop vs the model's own step"
 FLICKR30K_CLASSES = 29783

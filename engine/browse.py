@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from prepare.cli import ArgumentParser, UserError, check_model_inputs, fail
+from utils.cli import ArgumentParser, UserError, check_model_inputs, fail
 
 from .search import add_encoding_args
 

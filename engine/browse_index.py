@@ -27,7 +27,8 @@ from typing import Any
 import models  # noqa: F401  (first: installs the torchvision guard)
 import numpy as np
 import torch
-import torch.nn.functional as F
+
+from utils.vectors import top_indices, unit_rows
 
 from .browse_limits import MAX_K, MAX_PER_PAGE, MAX_QUERY_CHARS, THUMB_CACHE, THUMB_SIDE
 from .data import Prepared
@@ -48,24 +49,6 @@ class NotFound(BrowseError):
     """A request for an item or page that does not exist (HTTP 404)."""
 
     status = 404
-
-
-def _unit(x: np.ndarray) -> torch.Tensor:
-    """L2-normalised rows as ``engine.metrics.retrieval_ranks`` normalises them (float32)."""
-    return F.normalize(torch.as_tensor(np.asarray(x, dtype=np.float32)), dim=1)
-
-
-def _top(scores: torch.Tensor, k: int) -> np.ndarray:
-    """Indices of the ``k`` highest scores, best first, ties by lower index (exact, also at the k-th place)."""
-    s = scores.numpy()
-    k = min(k, len(s))
-    if k < len(s):
-        kth = np.partition(s, len(s) - k)[len(s) - k]  # the k-th largest value
-        cand = np.flatnonzero(s >= kth)
-    else:
-        cand = np.arange(len(s))
-    order = cand[np.lexsort((cand, -s[cand]))]
-    return order[:k]
 
 
 def _rank(scores: torch.Tensor, item: int) -> int:
@@ -169,11 +152,11 @@ class BrowseIndex:
                 feat, q = encode_query(self.model, self.data, text, self.device, self.precision)
         except QueryError as e:
             raise BrowseError(str(e)) from None
-        scores = self.image_feats @ _unit(feat[None])[0]  # (N,)
+        scores = self.image_feats @ unit_rows(feat[None])[0]  # (N,)
         same = self._by_text.get(text.strip(), []) if self.has_truth else []
         correct = set().union(*(self._images_of_label(self.caption_labels[c]) for c in same)) if same else set()
         out = {"query": text, **self._words(text), "results": [self._image_item(i, scores, correct)
-                                                               for i in _top(scores, k)],
+                                                               for i in top_indices(scores, k)],
                "same_captions": same,
                "truth": [{"id": i, "name": self.image_names[i], "rank": _rank(scores, i)} for i in sorted(correct)]}
         return out
@@ -185,7 +168,7 @@ class BrowseIndex:
         correct = self._images_of_label(self.caption_labels[cid]) if self.has_truth else set()
         text = self.caption_texts[cid]
         return {"caption": cid, "query": text, **self._words(text),
-                "results": [self._image_item(i, scores, correct) for i in _top(scores, k)],
+                "results": [self._image_item(i, scores, correct) for i in top_indices(scores, k)],
                 "truth": [{"id": i, "name": self.image_names[i], "rank": _rank(scores, i)} for i in sorted(correct)]}
 
     def image(self, iid: int, k: int | None = None) -> dict[str, Any]:
@@ -200,7 +183,7 @@ class BrowseIndex:
             return {"id": int(c), "text": self.caption_texts[c], "score": float(scores[c]),
                     "correct": int(c) in truth_set, "image": owner}
         gt = sorted(({**item(c), "rank": _rank(scores, c)} for c in truth), key=lambda g: (g["rank"], g["id"]))
-        return {"image": iid, "name": self.image_names[iid], "results": [item(c) for c in _top(scores, k)],
+        return {"image": iid, "name": self.image_names[iid], "results": [item(c) for c in top_indices(scores, k)],
                 "truth": gt}
 
     def worst(self, direction: str, page: int = 0, per_page: int = 20) -> dict[str, Any]:
@@ -283,8 +266,8 @@ def from_split(model, data: Prepared, split: str, device: torch.device, *, top_k
     idx = BrowseIndex(model=model, data=data, split=split, mode="split",
                       image_paths=[data.image_path(int(r)) for r in rows],
                       image_names=[str(data.images["file"].iat[int(r)]) for r in rows],
-                      image_feats=_unit(feats["images"]), caption_rows=feats["caption_rows"],
-                      caption_feats=_unit(feats["texts"]), image_labels=np.asarray(feats["image_labels"]),
+                      image_feats=unit_rows(feats["images"]), caption_rows=feats["caption_rows"],
+                      caption_feats=unit_rows(feats["texts"]), image_labels=np.asarray(feats["image_labels"]),
                       caption_labels=np.asarray(feats["text_labels"]), device=device, precision=precision,
                       top_k=top_k, evaluation=evaluation, ranks=ranks, source=source, image_rows=rows)
     return idx
@@ -328,6 +311,6 @@ def from_folder(model, data: Prepared, split: str, folder: Path, device: torch.d
     rows, cfeats = encode_captions(model, data, split, device, caption_cache, cache_key=cache_key,
                                    precision=precision)
     return BrowseIndex(model=model, data=data, split=split, mode="folder", image_paths=list(paths),
-                       image_names=[p.relative_to(folder).as_posix() for p in paths], image_feats=_unit(feats),
-                       caption_rows=rows, caption_feats=_unit(cfeats), image_labels=None, caption_labels=None,
+                       image_names=[p.relative_to(folder).as_posix() for p in paths], image_feats=unit_rows(feats),
+                       caption_rows=rows, caption_feats=unit_rows(cfeats), image_labels=None, caption_labels=None,
                        device=device, precision=precision, top_k=top_k, source=source)

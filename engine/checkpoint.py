@@ -2,22 +2,20 @@
 
 A checkpoint holds the model, optimizer, LR schedule and AMP-scaler states, every RNG state (python, numpy, torch,
 CUDA), the position in training (epoch, step within the epoch, global step), the best validation score and the
-config. ``save_atomic`` writes to a temporary file in the same directory and renames it into place, so a process
-killed at any moment leaves either the previous checkpoint or the new one, never half of one.
+config. ``save_atomic`` writes it with ``utils.files.atomic_write`` (a temporary file in the same directory renamed into
+place), so a process killed at any moment leaves either the previous checkpoint or the new one, never half of one.
 """
 from __future__ import annotations
 
-import json
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from prepare.cli import UserError
+from utils.cli import UserError
+from utils.files import atomic_write
 
 LAST, BEST = "checkpoint_last.pt", "checkpoint_best.pt"
 
@@ -44,33 +42,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_atomic(obj: dict[str, Any], path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json_atomic(obj: Any, path: str | Path) -> None:
-    """JSON (results, search output) written to a temporary file in the same directory, then renamed."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=1, ensure_ascii=False, default=float)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        torch.save(obj, f)
 
 
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

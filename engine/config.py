@@ -14,6 +14,8 @@ from typing import Any
 
 import yaml
 
+from utils.cli import InvalidValue
+
 CHOICES: dict[str, tuple] = {
     "arch": ("resnet18", "resnet50", "resnet152", "vgg16", "vgg19"),
     "text_depth": ("res50", "res152"),
@@ -45,7 +47,7 @@ class Config:
     classifier_bias: bool = True  # shared W bias: yes for Flickr30k-ResNet-50 and CUHK, no for MSCOCO (spec 6.1)
     position_shift: bool = True  # False = left alignment (Table 4 ablation)
     backbone_bn: str = "paper"  # "update": backbone BN statistics move at 0.1 in both stages (random init only)
-    # "caffe" = the original MatConvNet backbone (prepare.matconvnet backbone), input 0-255 minus the training images'
+    # "caffe" = the original MatConvNet backbone (python -m matconvnet backbone), input 0-255 minus the training images'
     # RGB mean; "torchvision" = torchvision's weights with ImageNet mean/std; "auto" = caffe when --pretrained FILE
     # has a caffe sidecar FILE.json, else torchvision. Checkpoints store the resolved value (models/image_cnn.py).
     backbone_style: str = "auto"
@@ -99,7 +101,7 @@ class Config:
         return dataclasses.asdict(self)
 
 
-class ConfigError(ValueError):
+class ConfigError(InvalidValue):
     pass
 
 

@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from prepare.cli import UserError
+from utils.cli import InvalidValue, UserError
 
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
@@ -128,7 +128,7 @@ class TrainBatches(Dataset):
     def __init__(self, data: Prepared, spec: TrainSpec, epoch: int = 0) -> None:
         self.data, self.spec, self.epoch = data, spec, epoch
         if spec.batch_size % spec.world_size or (spec.stage == 2 and spec.batch_size % (2 * spec.world_size)):
-            raise ValueError(f"batch_size {spec.batch_size} must split evenly over {spec.world_size} rank(s)"
+            raise InvalidValue(f"batch_size {spec.batch_size} must split evenly over {spec.world_size} rank(s)"
                              f"{' into anchor/negative halves' if spec.stage == 2 else ''}")
         self.train_rows = data.split_images("train")  # image rows; label = class
         self.image_class = data.images["label"].to_numpy()
@@ -146,11 +146,11 @@ class TrainBatches(Dataset):
         self.lengths = caps["length"].to_numpy()
         n_batches = len(self.train_rows) // spec.batch_size  # an incomplete last batch is dropped
         if n_batches == 0:
-            raise ValueError(f"{data.root}: {len(self.train_rows)} training images < one batch of {spec.batch_size} "
+            raise InvalidValue(f"{data.root}: {len(self.train_rows)} training images < one batch of {spec.batch_size} "
                              f"(lower batch_size)")
         self.n_batches = n_batches
         if spec.stage == 2 and spec.negatives == "hard" and len(self.train_rows) <= spec.batch_size:
-            raise ValueError(f"{data.root}: hard negatives come from training images outside the batch: {len(self.train_rows)} "
+            raise InvalidValue(f"{data.root}: hard negatives come from training images outside the batch: {len(self.train_rows)} "
                              f"training images leave none outside a batch of {spec.batch_size}")
 
     def set_epoch(self, epoch: int) -> None:
@@ -241,7 +241,7 @@ class TrainBatches(Dataset):
             tokens = np.stack([self._tokens(self._caption(int(c), rng), rng) for c in cls])
             return {"cand_tokens": torch.from_numpy(tokens), "cand_labels": torch.from_numpy(cls.astype(np.int64))}
         if self.data.num_classes < 2:
-            raise ValueError("random negatives need at least two training classes")
+            raise InvalidValue("random negatives need at least two training classes")
         neg_tokens, neg_labels, replace_at, replace_rows = [], [], [], []
         for i in range(h):  # a loop over the B/2 anchors, in the worker
             anchor = int(labels[i])

@@ -25,7 +25,7 @@ import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
-from prepare.cli import UserError
+from utils.cli import InvalidValue, UserError
 from models import DualPath, build_model, param_groups
 from models.image_cnn import weights_style
 
@@ -59,7 +59,7 @@ def _ignore_stop_signals(_worker_id: int) -> None:
 
 def resolve_backbone_style(cfg: Config, init: dict | None) -> str:
     """The concrete backbone style of a run: the config's, or for "auto" the Stage I checkpoint's (Stage II), else
-    "caffe" when ``pretrained`` is a file with a caffe sidecar (``prepare.matconvnet backbone``), else torchvision.
+    "caffe" when ``pretrained`` is a file with a caffe sidecar (``python -m matconvnet backbone``), else torchvision.
     Checkpoints written before the styles existed are torchvision."""
     if cfg.backbone_style != "auto":
         return cfg.backbone_style
@@ -79,7 +79,7 @@ def make_model(cfg: Config, data: Prepared, init: dict | None) -> tuple[DualPath
     elif cfg.backbone_style == "caffe":  # the original subtracts the training images' mean RGB (imdb.rgbMean)
         pixel_mean = data.manifest.get("rgb_mean")
         if pixel_mean is None:
-            raise ValueError(f"{data.root / 'manifest.json'}: no rgb_mean (the training images' mean RGB, which the "
+            raise InvalidValue(f"{data.root / 'manifest.json'}: no rgb_mean (the training images' mean RGB, which the "
                              f"caffe-style backbone subtracts); prepare the data again with this version")
     kwargs = dict(num_classes=data.num_classes, vocab_size=data.vocab_size, max_len=data.max_len,
                   arch=cfg.arch, dropout=cfg.dropout, classifier_bias=cfg.classifier_bias,
@@ -94,7 +94,7 @@ def make_model(cfg: Config, data: Prepared, init: dict | None) -> tuple[DualPath
     old["backbone_style"] = resolve_backbone_style(Config(backbone_style="auto"), init)  # the checkpoint's own
     diff = {k: (old[k], getattr(cfg, k)) for k in MODEL_KEYS if old[k] != getattr(cfg, k)}
     if diff:
-        raise ValueError(f"Stage II config differs from the Stage I checkpoint in model keys {diff}")
+        raise InvalidValue(f"Stage II config differs from the Stage I checkpoint in model keys {diff}")
     model = build_model(word2vec=None, pretrained="none", **kwargs)
     weights = dict(init["model"])
     for key in ("image.pixel_mean", "image.pixel_std"):  # checkpoints from before the normalisation buffers
@@ -137,13 +137,13 @@ class Trainer:
         np.random.seed(cfg.seed)
         init_state = ckpt.load(init) if init else None
         if cfg.stage == 2 and init_state is None:
-            raise ValueError("Stage II needs --init STAGE1_CHECKPOINT")
+            raise InvalidValue("Stage II needs --init STAGE1_CHECKPOINT")
         try:
             self.module, self.pretrained_source = make_model(cfg, self.data, init_state)
-        except (ValueError, RuntimeError) as e:  # the Stage I checkpoint does not fit this recipe (or is not one)
+        except (InvalidValue, RuntimeError) as e:  # the Stage I checkpoint does not fit this recipe (or is not one)
             if init_state is None:
                 raise
-            raise ValueError(f"--init {init}: {e}") from None
+            raise InvalidValue(f"--init {init}: {e}") from None
         self.module.to(self.device)
         if self.channels_last:
             self.module.image.to(memory_format=torch.channels_last)
@@ -200,7 +200,7 @@ class Trainer:
         old = config_from_dict(state["config"]).to_dict()
         changed = {k: (old[k], v) for k, v in self.cfg.to_dict().items() if old[k] != v and k not in RUNTIME_KEYS}
         if changed:
-            raise ValueError(f"{path}: cannot resume with a different recipe; changed keys (old, new): {changed}")
+            raise InvalidValue(f"{path}: cannot resume with a different recipe; changed keys (old, new): {changed}")
         self.module.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])

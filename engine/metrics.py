@@ -25,8 +25,10 @@ from typing import Any, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
+
+from utils.cli import InvalidValue
+from utils.vectors import l2_normalize
 
 __all__ = ["rank_of_first_match", "retrieval_ranks", "recall_metrics", "evaluate_retrieval", "evaluate_coco_1k",
            "DIRECTIONS", "DEFAULT_MAX_CHUNK_BYTES"]
@@ -51,11 +53,11 @@ def _group_ids(query_labels: Labels, gallery_labels: Labels, device: torch.devic
 
 
 def _check_all_matched(gq: Tensor, gg: Tensor, what: str) -> None:
-    """Raise ValueError when some query has no gallery item with its label."""
+    """Raise InvalidValue (a user error: the data) when some query has no gallery item with its label."""
     missing = ~torch.isin(gq, gg)
     if bool(missing.any()):
         idx = torch.nonzero(missing).flatten()[:5].tolist()
-        raise ValueError(f"{int(missing.sum())} of {len(gq)} queries{what} have no correct item in the gallery "
+        raise InvalidValue(f"{int(missing.sum())} of {len(gq)} queries{what} have no correct item in the gallery "
                          f"(no gallery item with the same label); first query indices: {idx}")
 
 
@@ -218,7 +220,7 @@ def retrieval_ranks(images: Tensor, texts: Tensor, image_labels: Labels, text_la
     if images.shape[1] != texts.shape[1]:
         raise ValueError(f"feature sizes differ: images {tuple(images.shape)}, texts {tuple(texts.shape)}")
     if normalize:
-        images, texts = F.normalize(images, dim=1), F.normalize(texts, dim=1)  # cosine similarity
+        images, texts = l2_normalize(images), l2_normalize(texts)  # cosine similarity
     gi, gt = _group_ids(image_labels, text_labels, images.device)
     if (len(gi), len(gt)) != (len(images), len(texts)):
         raise ValueError(f"labels ({len(gi)}, {len(gt)}) do not match features ({len(images)}, {len(texts)})")
@@ -282,7 +284,7 @@ def evaluate_coco_1k(images: Tensor, texts: Tensor, image_labels: Labels, text_l
     recalls (checked equal to the mean of the per-fold rsums). Adds ``"folds": [per-fold results]``."""
     n = len(images)
     if folds < 1 or n % folds:
-        raise ValueError(f"{n} images cannot be cut into {folds} equal folds")
+        raise InvalidValue(f"{n} images cannot be cut into {folds} equal folds")
     gi, gt = _group_ids(image_labels, text_labels, torch.device("cpu"))
     if len(gt) != len(texts) or len(gi) != n:
         raise ValueError(f"labels ({len(gi)}, {len(gt)}) do not match features ({n}, {len(texts)})")

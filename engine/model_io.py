@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from models import DualPath
+from utils.cli import InvalidValue
 
 from . import checkpoint as ckpt_io
 from .data import Prepared
@@ -20,7 +21,7 @@ from .data import Prepared
 CHECKED_KEYS = ("vocab_size", "max_len", "num_classes")
 
 
-class CheckpointMismatch(ValueError):
+class CheckpointMismatch(InvalidValue):
     """The checkpoint does not fit the prepared data (or is not a DualPath training checkpoint)."""
 
 

@@ -6,6 +6,8 @@ from typing import Any
 
 import yaml
 
+from utils.cli import InvalidValue
+
 __all__ = ["DEFAULT_PATH", "load_paper_rows", "load_paper_splits", "available_rows", "compare_with_paper"]
 
 DEFAULT_PATH = Path(__file__).resolve().parents[1] / "configs" / "paper_results.yaml"
@@ -19,27 +21,27 @@ def load_paper_rows(path: str | Path | None = None) -> dict[str, dict[str, Any]]
     """Rows of the paper-results file keyed by id (e.g. ``flickr30k/resnet50/stage2``), in file order.
 
     Each row: id, dataset, split, protocol, description, source, confirmed, and "i2t"/"t2i" dicts of the metrics
-    the paper gives (R@1/R@5/R@10 in percent, medr). Raises ValueError on a malformed file.
+    the paper gives (R@1/R@5/R@10 in percent, medr). Raises InvalidValue on a malformed file.
     """
     path = Path(path) if path is not None else DEFAULT_PATH
     data = yaml.safe_load(path.read_text())
     if not isinstance(data, dict) or not isinstance(data.get("rows"), list):
-        raise ValueError(f"{path}: expected a mapping with a 'rows' list")
+        raise InvalidValue(f"{path}: expected a mapping with a 'rows' list")
     rows: dict[str, dict[str, Any]] = {}
     for i, row in enumerate(data["rows"]):
         missing = [k for k in REQUIRED if k not in row]
         if missing:
-            raise ValueError(f"{path}: row {i} ({row.get('id', '?')}) lacks {missing}")
+            raise InvalidValue(f"{path}: row {i} ({row.get('id', '?')}) lacks {missing}")
         if row["id"] in rows:
-            raise ValueError(f"{path}: duplicate row id {row['id']!r}")
+            raise InvalidValue(f"{path}: duplicate row id {row['id']!r}")
         if row["source"] not in SOURCES:
-            raise ValueError(f"{path}: row {row['id']!r} has source {row['source']!r}; expected one of {SOURCES}")
+            raise InvalidValue(f"{path}: row {row['id']!r} has source {row['source']!r}; expected one of {SOURCES}")
         if not any(d in row for d in DIRECTIONS):
-            raise ValueError(f"{path}: row {row['id']!r} has no i2t/t2i metrics")
+            raise InvalidValue(f"{path}: row {row['id']!r} has no i2t/t2i metrics")
         for d in DIRECTIONS:
             bad = set(row.get(d, {})) - set(METRICS)
             if bad:
-                raise ValueError(f"{path}: row {row['id']!r} {d} has unknown metrics {sorted(bad)}")
+                raise InvalidValue(f"{path}: row {row['id']!r} {d} has unknown metrics {sorted(bad)}")
         rows[row["id"]] = row
     return rows
 
@@ -51,7 +53,7 @@ def load_paper_splits(path: str | Path | None = None) -> dict[str, dict[str, str
     splits = data.get("paper_splits", {}) if isinstance(data, dict) else {}
     for name, s in splits.items():
         if not isinstance(s, dict) or not {"split_mode", "description"} <= set(s):
-            raise ValueError(f"{path}: paper_splits.{name} needs split_mode and description")
+            raise InvalidValue(f"{path}: paper_splits.{name} needs split_mode and description")
     return splits
 
 
@@ -83,11 +85,11 @@ def compare_with_paper(results: dict[str, Any], row_id: str, path: str | Path | 
 
     ``results`` has our shape ({"i2t": {...}, "t2i": {...}, optional "protocol", "split"}). A header names the row,
     its source and whether it is confirmed; a WARNING line is added when ``results["protocol"]`` or
-    ``results["split"]`` (when present) differs from the row's. Unknown ``row_id`` → ValueError listing valid ids.
+    ``results["split"]`` (when present) differs from the row's. Unknown ``row_id`` → InvalidValue listing valid ids.
     """
     rows = load_paper_rows(path)
     if row_id not in rows:
-        raise ValueError(f"unknown paper row {row_id!r}; available rows: {list(rows)}")
+        raise InvalidValue(f"unknown paper row {row_id!r}; available rows: {list(rows)}")
     row = rows[row_id]
     lines = [f"**Paper row `{row_id}`**: {row['description']}",
              f"Source {row['source']}, {'confirmed' if row['confirmed'] else 'UNCONFIRMED (a target, not a fact)'}; "

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from prepare.cli import ArgumentParser, UserError, check_model_inputs, run_guarded
+from utils.cli import ArgumentParser, UserError, check_model_inputs, run_guarded
 
 if TYPE_CHECKING:
     import torch
@@ -138,7 +138,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     check_args(args)
     import models  # noqa: F401  (first: installs the torchvision guard)
 
-    from .checkpoint import write_json_atomic
+    from utils.files import write_json
     from .data import Prepared
     from .model_io import load_model
     from .search_index import (checkpoint_key, default_caption_cache, default_image_cache, encode_captions,
@@ -184,7 +184,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 print(f"  {h['rank']:>4}  {h['score']:>7.4f}  {h['caption']}  [{h['image_file']}]")
             result["image_queries"].append({"image": str(img), "split": args.split, "results": hits})
     if args.json:
-        write_json_atomic(result, args.json)
+        write_json(result, args.json)
         print(f"\nresults written to {args.json}")
     return result
 

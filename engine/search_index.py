@@ -10,9 +10,7 @@ words outside it are dropped and reported. Ranking: cosine similarity of the tes
 from __future__ import annotations
 
 import hashlib
-import os
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -21,7 +19,9 @@ import models  # noqa: F401  (first: installs the torchvision guard)
 import numpy as np
 import torch
 
-from prepare.cli import UserError
+from utils.cli import UserError
+from utils.files import atomic_write
+from utils.vectors import top_indices, unit_rows
 from prepare.core import COCO_DELIMITERS, DELIMITERS, PrepareError, index_captions, tokenize
 from prepare.images import RESIZE_MODES, load_resized
 
@@ -50,39 +50,26 @@ def _device_of(model: torch.nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
-def _l2n(x: np.ndarray) -> np.ndarray:
-    """Rows / sqrt(1e-8 + ||row||^2), as ``models.losses.l2_normalize``."""
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.sqrt(1e-8 + (x * x).sum(axis=-1, keepdims=True))
-
-
 def top_k(query: np.ndarray, feats: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """Indices and cosine scores of the ``k`` rows of ``feats`` (N, D) closest to ``query`` (D,), best first
     (ties: lower index first)."""
     if len(feats) == 0:
         return np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.float32)
-    scores = _l2n(feats) @ _l2n(query[None])[0]  # (N,)
-    order = np.argsort(-scores, kind="stable")[:max(0, k)]
+    scores = (unit_rows(feats) @ unit_rows(query[None])[0]).numpy()  # (N,)
+    order = top_indices(scores, k)
     return order, scores[order]
 
 
 # ------------------------------------------------------------------------------------------------ npz cache
 def _atomic_savez(path: Path, **arrays: np.ndarray) -> bool:
-    """Write an .npz via a temporary sibling renamed into place; False (with a note) when it cannot be written."""
+    """Write an .npz atomically (``utils.files``); False (with a note) when it cannot be written."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        with atomic_write(path) as f:
+            np.savez(f, **arrays)
+        return True
     except OSError as e:
         _note(f"note: cannot write the feature cache {path} ({e.strerror or e}); features are not cached")
         return False
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-        return True
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _read_cache(path: Path | None, key: str) -> dict[str, np.ndarray] | None:

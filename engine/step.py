@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from models import hardest_negatives, top1_accuracy, total_loss
-from prepare.cli import UserError
+from utils.cli import UserError
 
 from .config import Config
 from .encode import autocast

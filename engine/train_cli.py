@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from prepare.cli import ArgumentParser, run_guarded
+from utils.cli import ArgumentParser, run_guarded
 
 from .config import ConfigError, load_config, parse_overrides
 

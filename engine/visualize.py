@@ -20,14 +20,15 @@ fit its box is cut with "...". Sizes, with B = ``FRAME`` and P = ``PAD``::
 """
 from __future__ import annotations
 
-import os
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+from utils.files import atomic_write
+from utils.vectors import top_indices, unit_rows
 
 PAD = 8  # space between cells and around the grid
 FRAME = 6  # the frame band around every thumbnail (a correct item fills it)
@@ -203,12 +204,6 @@ def image_to_text_grid(query_image_paths: list[Path], ranked_captions: list[list
     return np.asarray(canvas, dtype=np.uint8).copy()
 
 
-def _l2n(x: np.ndarray) -> np.ndarray:
-    """Rows divided by sqrt(1e-8 + ||x||^2), as ``models.losses.l2_normalize``."""
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.sqrt(1e-8 + (x * x).sum(axis=1, keepdims=True))
-
-
 def retrieval_figures(feats: dict, data, k: int = 5, n_queries: int = 4, seed: int = 0,
                       thumb: int = 128) -> dict[str, np.ndarray]:
     """Both grids for ``n_queries`` queries drawn with ``seed`` (the same queries every call) from an encoded split.
@@ -216,7 +211,7 @@ def retrieval_figures(feats: dict, data, k: int = 5, n_queries: int = 4, seed: i
     ``feats`` is ``encode_split``'s output (``images``, ``texts``, ``image_labels``, ``text_labels``,
     ``image_rows``, ``caption_rows``); ``data`` the ``Prepared`` it came from. Ranking: cosine similarity;
     a result is correct when its label equals the query's. Returns {"t2i": array, "i2t": array}."""
-    img, txt = _l2n(feats["images"]), _l2n(feats["texts"])
+    img, txt = unit_rows(feats["images"]).numpy(), unit_rows(feats["texts"]).numpy()
     if len(img) == 0 or len(txt) == 0:
         raise ValueError(f"retrieval_figures: nothing to show ({len(img)} images, {len(txt)} texts encoded)")
     img_labels, txt_labels = np.asarray(feats["image_labels"]), np.asarray(feats["text_labels"])
@@ -228,7 +223,7 @@ def retrieval_figures(feats: dict, data, k: int = 5, n_queries: int = 4, seed: i
 
     sim = txt[tq] @ img.T  # (q, N)
     kt = min(k, len(img))
-    order = np.argsort(-sim, axis=1, kind="stable")[:, :kt]
+    order = [top_indices(row, kt) for row in sim]
     t2i = text_to_image_grid(
         [str(raw[caption_rows[q]]) for q in tq],
         [[data.image_path(int(image_rows[j])) for j in row] for row in order],
@@ -237,7 +232,7 @@ def retrieval_figures(feats: dict, data, k: int = 5, n_queries: int = 4, seed: i
 
     sim = img[iq] @ txt.T  # (q, M)
     ki = min(k, len(txt))
-    order = np.argsort(-sim, axis=1, kind="stable")[:, :ki]
+    order = [top_indices(row, ki) for row in sim]
     i2t = image_to_text_grid(
         [data.image_path(int(image_rows[q])) for q in iq],
         [[str(raw[caption_rows[j]]) for j in row] for row in order],
@@ -252,13 +247,6 @@ def save_png(arr: np.ndarray, path: str | Path) -> Path:
     arr = np.asarray(arr)
     if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] != 3:
         raise ValueError(f"save_png: expected an (H, W, 3) uint8 array, got {arr.dtype} {arr.shape}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(arr).save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as f:
+        Image.fromarray(arr).save(f, format="PNG")
     return path

@@ -1,5 +1,10 @@
 """The dual-path network (image CNN + text CNN + one shared classifier W), its losses and parameter groups.
 
+``models.spec`` holds the architecture as plain data (block counts, widths, BatchNorm epsilons, state-dict names per
+architecture); the modules are built from it, and the MatConvNet converter and the test fixtures read it too. This
+package reads no files except pretrained weights (``--pretrained``) and imports no other package of the project but
+``utils``.
+
 Public API::
 
     build_model(num_classes=, vocab_size=, max_len=, word2vec=, arch=, pretrained=, ...) -> DualPath

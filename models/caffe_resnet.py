@@ -14,23 +14,25 @@ them (``../shared/reference/matconvnet_models.md`` section 3):
     input [0, 1] RGB, ImageNet mean/std          input 0-255 RGB minus a mean, no std (``ImageCNN.normalize``)
 
 The module and parameter names are torchvision's (``conv1``, ``bn1``, ``layer1.0.conv1``, ``layer1.0.downsample.0``,
-...), so a converted state dict reads like a torchvision one plus ``conv1.bias``. ``width`` < 1 scales every stage
+...; the block counts, widths and names are ``models/spec.py``'s), so a converted state dict reads like a torchvision
+one plus ``conv1.bias``. ``width`` < 1 scales every stage
 width; it exists only for the converter's small test files (1.0 = the real network).
 """
 from __future__ import annotations
 
 from torch import nn
 
-LAYERS = {"resnet50": (3, 4, 6, 3), "resnet152": (3, 8, 36, 3)}
-EXPANSION = 4
+from utils.cli import InvalidValue
+
+from . import spec
 
 
 class CaffeBottleneck(nn.Module):
     """1x1 (stride s) -> BN -> ReLU -> 3x3 -> BN -> ReLU -> 1x1 -> BN, plus shortcut, sum, ReLU."""
 
-    def __init__(self, cin: int, mid: int, stride: int, eps: float) -> None:
+    def __init__(self, block: spec.Block, eps: float) -> None:
         super().__init__()
-        cout = mid * EXPANSION
+        cin, mid, cout, stride = block.cin, block.mid, block.cout, block.stride
         self.conv1 = nn.Conv2d(cin, mid, 1, stride=stride, bias=False)  # res{S}{b}_branch2a: the stride is HERE
         self.bn1 = nn.BatchNorm2d(mid, eps=eps)
         self.conv2 = nn.Conv2d(mid, mid, 3, stride=1, padding=1, bias=False)  # branch2b
@@ -40,7 +42,7 @@ class CaffeBottleneck(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         self.downsample = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False),  # branch1
                                          nn.BatchNorm2d(cout, eps=eps))
-                           if stride != 1 or cin != cout else None)
+                           if block.projection else None)
 
     def forward(self, x):  # (N, cin, H, W) -> (N, 4 mid, H/s, W/s)
         out = self.relu(self.bn1(self.conv1(x)))
@@ -50,22 +52,21 @@ class CaffeBottleneck(nn.Module):
 
 
 class CaffeResNet(nn.Module):
-    """conv1 (bias) -> bn1 -> ReLU -> pool1 -> layer1..layer4; ``out_channels`` = 2048 x width."""
+    """conv1 (bias) -> bn1 -> ReLU -> pool1 -> layer1..layer4 (``models.spec.resnet_blocks``); ``out_channels`` =
+    2048 x width."""
 
-    def __init__(self, arch: str = "resnet50", eps: float = 1e-5, width: float = 1.0) -> None:
+    def __init__(self, arch: str = "resnet50", eps: float = spec.CAFFE_BN_EPS, width: float = 1.0) -> None:
         super().__init__()
-        if arch not in LAYERS:
-            raise ValueError(f"the caffe-style backbone exists for {sorted(LAYERS)}, not {arch!r}")
-        base = max(1, round(64 * width))
+        if arch not in spec.RESNET_BLOCKS:
+            raise InvalidValue(f"the caffe-style backbone exists for {sorted(spec.RESNET_BLOCKS)}, not {arch!r}")
+        base = spec.resnet_stem(width)
         self.conv1 = nn.Conv2d(3, base, 7, stride=2, padding=3, bias=True)
         self.bn1 = nn.BatchNorm2d(base, eps=eps)
         self.relu = nn.ReLU(inplace=True)
         self.maxpool = nn.MaxPool2d(3, stride=2, padding=0, ceil_mode=True)
-        cin = base
-        for i, n_blocks in enumerate(LAYERS[arch]):
-            mid = base * 2 ** i
-            blocks = [CaffeBottleneck(cin, mid, 1 if i == 0 else 2, eps)]
-            blocks += [CaffeBottleneck(mid * EXPANSION, mid, 1, eps) for _ in range(n_blocks - 1)]
-            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
-            cin = mid * EXPANSION
-        self.out_channels = cin
+        blocks = spec.resnet_blocks(arch, width)
+        for i in range(len(spec.RESNET_BLOCKS[arch])):
+            layer = f"layer{i + 1}"
+            setattr(self, layer, nn.Sequential(*[CaffeBottleneck(b, eps) for b in blocks
+                                                 if b.key.split(".")[0] == layer]))
+        self.out_channels = blocks[-1].cout

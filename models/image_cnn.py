@@ -22,7 +22,7 @@ Two backbone styles (decision 17), never mixed silently:
 * ``style="torchvision"``: torchvision's ResNet/VGG with its ImageNet weights; input [0, 1] RGB with ImageNet
   mean/std.
 * ``style="caffe"``: the original's MatConvNet backbone (``models/caffe_resnet.py``; VGG keeps torchvision's
-  structure), loaded from a file written by ``python -m prepare.matconvnet backbone``, whose sidecar ``FILE.json``
+  structure), loaded from a file written by ``python -m matconvnet backbone``, whose sidecar ``FILE.json``
   says ``"style": "caffe"``; input 0-255 RGB minus a mean, no std. The mean is the RGB mean of the training images
   (the prepared manifest's ``rgb_mean``, as the original used ``imdb.rgbMean``) or, for a converted trained network,
   its stored ``averageImage``.
@@ -43,6 +43,9 @@ from torch import nn
 from . import torchvision_guard  # noqa: F401  (before torchvision)
 import torchvision.models as tvm  # noqa: E402
 
+from utils.cli import InvalidValue  # noqa: E402
+
+from . import spec  # noqa: E402
 from .caffe_resnet import CaffeResNet  # noqa: E402
 from .text_cnn import init_new_conv_, new_bn  # noqa: E402
 
@@ -93,17 +96,17 @@ def read_sidecar(pretrained: str) -> dict:
     try:
         meta = json.loads(side.read_text())
     except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{side}: not a JSON sidecar ({e})") from None
+        raise InvalidValue(f"{side}: not a JSON sidecar ({e})") from None
     if not isinstance(meta, dict):
-        raise ValueError(f"{side}: expected a JSON object, got {type(meta).__name__}")
+        raise InvalidValue(f"{side}: expected a JSON object, got {type(meta).__name__}")
     if meta.get("style", "torchvision") not in STYLES:
-        raise ValueError(f"{side}: style {meta['style']!r}; expected one of {list(STYLES)}")
+        raise InvalidValue(f"{side}: style {meta['style']!r}; expected one of {list(STYLES)}")
     return meta
 
 
 def weights_style(pretrained: str) -> str:
     """The backbone style a ``--pretrained`` value needs: "caffe" for a file whose sidecar says so (written by
-    ``python -m prepare.matconvnet backbone``), else "torchvision" (torchvision's own weights, or a state dict
+    ``python -m matconvnet backbone``), else "torchvision" (torchvision's own weights, or a state dict
     without a caffe sidecar)."""
     return read_sidecar(pretrained).get("style", "torchvision")
 
@@ -122,8 +125,8 @@ def load_pretrained_state(arch: str, pretrained: str, style: str = "torchvision"
         return None, "none (random initialisation, requested explicitly)"
     if pretrained == "imagenet":
         if style == "caffe":
-            raise ValueError("backbone_style caffe needs the original MatConvNet weights: convert "
-                             "imagenet-resnet-50-dag.mat with `python -m prepare.matconvnet backbone FILE.mat --out "
+            raise InvalidValue("backbone_style caffe needs the original MatConvNet weights: convert "
+                             "imagenet-resnet-50-dag.mat with `python -m matconvnet backbone FILE.mat --out "
                              "FILE.pth` and pass --pretrained FILE.pth ('imagenet' means torchvision's weights)")
         path = imagenet_weights_path(arch)
         if not path.is_file():
@@ -139,14 +142,14 @@ def load_pretrained_state(arch: str, pretrained: str, style: str = "torchvision"
         meta = read_sidecar(pretrained)
         found = meta.get("style", "torchvision")
         if found != style:
-            raise ValueError(f"--pretrained {path} holds {found}-style weights (sidecar {sidecar_path(path)}"
+            raise InvalidValue(f"--pretrained {path} holds {found}-style weights (sidecar {sidecar_path(path)}"
                              f"{'' if found == 'caffe' else ' absent or without style caffe'}) but the backbone style "
                              f"is {style}: set backbone_style {found} (or auto); the two are never mixed")
         mismatch = {key: (meta[key], ours) for key, ours in (("arch", arch), ("bn_eps", bn_eps),
                                                               ("backbone_width", backbone_width))
                     if found == "caffe" and key in meta and meta[key] != ours}
         if mismatch:
-            raise ValueError(f"--pretrained {path}: its sidecar {sidecar_path(path)} records "
+            raise InvalidValue(f"--pretrained {path}: its sidecar {sidecar_path(path)} records "
                              + ", ".join(f"{k} {a!r}" for k, (a, _) in mismatch.items()) + " but this run has "
                              + ", ".join(f"{k} {b!r}" for k, (_, b) in mismatch.items())
                              + " (set arch / backbone_bn_eps / backbone_width to the file's values)")
@@ -189,7 +192,7 @@ class ImageCNN(nn.Module):
         ctor, _, channels = ARCHS[arch]
         caffe_resnet = style == "caffe" and not arch.startswith("vgg")
         if backbone_width != 1.0 and not caffe_resnet:
-            raise ValueError(f"backbone_width {backbone_width} exists only for the caffe-style ResNet (test files)")
+            raise InvalidValue(f"backbone_width {backbone_width} exists only for the caffe-style ResNet (test files)")
         net = CaffeResNet(arch, bn_eps, backbone_width) if caffe_resnet else ctor(weights=None)
         if caffe_resnet:
             channels = net.out_channels
@@ -201,7 +204,7 @@ class ImageCNN(nn.Module):
             missing, unexpected = net.load_state_dict(state, strict=False)
             missing = [k for k in missing if not k.startswith(UNUSED_HEAD)]
             if missing or unexpected:
-                raise ValueError(f"pretrained weights {self.pretrained_source} do not fit the {style}-style {arch}: "
+                raise InvalidValue(f"pretrained weights {self.pretrained_source} do not fit the {style}-style {arch}: "
                                  f"missing {missing[:5]}, unexpected {unexpected[:5]}")
         self.arch, self.style = arch, style
         if style == "torchvision":
@@ -220,8 +223,7 @@ class ImageCNN(nn.Module):
             self.pool: nn.Module = nn.Identity()  # fc6 already covers a 7x7 window
             hidden = channels  # 4096 -> 4096 -> 2048
         else:
-            self.backbone = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool,
-                                          net.layer1, net.layer2, net.layer3, net.layer4)
+            self.backbone = nn.Sequential(*[getattr(net, name) for name in spec.BACKBONE_SEQUENCE])
             self.pool = nn.AvgPool2d(pool, stride=1)  # pool5 of the MatConvNet model
             hidden = feature_dim
         self.fc1 = nn.Conv2d(channels, hidden, 1, bias=False)
@@ -248,7 +250,7 @@ class ImageCNN(nn.Module):
         else:
             x = self.backbone(images)  # (N, C, H/32, W/32)
         if isinstance(self.pool, nn.AvgPool2d) and min(x.shape[-2:]) < self.pool.kernel_size:
-            raise ValueError(f"an image of {tuple(images.shape[-2:])} px gives a {tuple(x.shape[-2:])} feature map, "
+            raise InvalidValue(f"an image of {tuple(images.shape[-2:])} px gives a {tuple(x.shape[-2:])} feature map, "
                              f"smaller than the {self.pool.kernel_size}x{self.pool.kernel_size} pool of a training "
                              f"crop: test images must be at least the training crop (prepare with --image-size >= "
                              f"train_crop)")

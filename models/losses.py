@@ -13,13 +13,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from utils.vectors import l2_normalize  # x / sqrt(1e-8 + ||x||^2): the original's LRN, window 4096
+
 IGNORE = -1  # label of val/test items: never a class
 RANKING_LOSSES = ("paper", "max_violation", "sum_hinge")
-
-
-def l2_normalize(x: torch.Tensor) -> torch.Tensor:
-    """x / sqrt(1e-8 + ||x||^2): exactly the original's LRN layer with window 4096, kappa 1e-8, beta 0.5."""
-    return x * torch.rsqrt(1e-8 + x.float().pow(2).sum(dim=1, keepdim=True)).to(x.dtype)
 
 
 def instance_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

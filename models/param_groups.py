@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from utils.cli import InvalidValue
+
 from .dual_path import DualPath
 
 NEW_MULTS = {"new_conv": 0.1, "word2vec": 1e-3, "classifier_w": 0.01, "classifier_b": 0.02,
@@ -101,11 +103,11 @@ def check_lr_mults(lr_mults: dict, stage: int) -> None:
     """Reject an override of an unknown group, a negative multiplier, or a backbone multiplier in Stage I."""
     for name, mult in lr_mults.items():
         if name not in GROUPS:
-            raise ValueError(f"lr_mults: unknown parameter group {name!r}; valid groups: {list(GROUPS)}")
+            raise InvalidValue(f"lr_mults: unknown parameter group {name!r}; valid groups: {list(GROUPS)}")
         if isinstance(mult, bool) or not isinstance(mult, (int, float)) or mult < 0:
-            raise ValueError(f"lr_mults: {name} must be a number >= 0, got {mult!r}")
+            raise InvalidValue(f"lr_mults: {name} must be a number >= 0, got {mult!r}")
         if stage == 1 and name.startswith("backbone"):
-            raise ValueError(f"lr_mults: {name} is a backbone group, frozen in Stage I; set it for Stage II")
+            raise InvalidValue(f"lr_mults: {name} is a backbone group, frozen in Stage I; set it for Stage II")
 
 
 def param_groups(model: DualPath, stage: int, base_lr: float = 0.1, weight_decay: float = 1e-4,
@@ -124,7 +126,7 @@ def param_groups(model: DualPath, stage: int, base_lr: float = 0.1, weight_decay
     classified = _classify(model)
     absent = sorted(set(lr_mults or {}) - set(classified))
     if absent:  # e.g. a VGG group for a ResNet: it would silently change nothing
-        raise ValueError(f"lr_mults: {absent} not a parameter group of this {model.image.arch} model; its groups: "
+        raise InvalidValue(f"lr_mults: {absent} not a parameter group of this {model.image.arch} model; its groups: "
                          f"{sorted(classified)}")
     all_params = {id(p) for p in model.parameters()}
     seen = {id(p) for ps in classified.values() for p in ps}

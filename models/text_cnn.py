@@ -3,7 +3,8 @@
 The sentence is a 1-D sequence of ``max_len`` positions. The first layer is the word2vec "1x1 convolution with bias"
 over a one-hot input, i.e. an embedding lookup (padding row fixed at zero) plus a learnable bias added at *every*
 position, followed by BatchNorm over 300 channels and no ReLU (decision 11). Then ResNet-like bottleneck stages of
-1x2 convolutions padded one position on the left only (decision 12):
+1x2 convolutions padded one position on the left only (decision 12; the numbers are ``models/spec.py``'s
+``TEXT_STAGES["res50"]``, the block names ``text_blocks``):
 
     stage   blocks  projection bottleneck  identity bottleneck  out   stride   length (max_len 32 / 56)
     RES2    3       128                    64                   256   1        32 / 56
@@ -23,22 +24,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-BN_EPS = 1e-3  # decision 20: MatConvNet's BatchNorm default
-BN_MOMENTUM = 0.05  # spec 7.2: moving-average rate of new BN layers
+from utils.cli import InvalidValue
 
-# (blocks, projection-block bottleneck width, out width, stride) per stage.
-STAGES: dict[str, tuple[tuple[int, int, int, int], ...]] = {
-    "res50": ((3, 128, 256, 1), (4, 512, 512, 2), (6, 1024, 1024, 2), (1, 2048, 2048, 1)),
-    # Spec 10.16: the "ResNet-152 dagger" text CNN paired with the ResNet-152 image CNN is not in the original
-    # repository; its depth is unknown. This variant is a GUESS with ResNet-152's block counts (3, 8, 36, 3).
-    "res152": ((3, 128, 256, 1), (8, 512, 512, 2), (36, 1024, 1024, 2), (3, 2048, 2048, 1)),
-}
+from . import spec
 
 
 def new_bn(channels: int, dims: int = 1) -> nn.Module:
     """A newly added BatchNorm layer: eps 1e-3, momentum 0.05, gamma 1, beta 0 (spec 7.2, decision 20)."""
     cls = nn.BatchNorm1d if dims == 1 else nn.BatchNorm2d
-    return cls(channels, eps=BN_EPS, momentum=BN_MOMENTUM)
+    return cls(channels, eps=spec.NEW_BN_EPS, momentum=spec.NEW_BN_MOMENTUM)
 
 
 def init_new_conv_(weight: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
@@ -70,16 +64,17 @@ def conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv1d:
 class Bottleneck(nn.Module):
     """1x1 -> BN -> ReLU -> 1x2 (stride s) -> BN -> ReLU -> 1x1 -> BN, plus shortcut, sum, ReLU."""
 
-    def __init__(self, cin: int, mid: int, cout: int, stride: int) -> None:
+    def __init__(self, block: spec.Block) -> None:
         super().__init__()
+        cin, mid, cout, stride = block.cin, block.mid, block.cout, block.stride
         self.branch = nn.Sequential(
             conv1x1(cin, mid), new_bn(mid), nn.ReLU(inplace=True),
             LeftPadConv(mid, stride), new_bn(mid), nn.ReLU(inplace=True),
             conv1x1(mid, cout), new_bn(cout),
         )
-        # Projection shortcut (1x1, stride s: samples positions 0, 2, ...) when the shape changes.
-        self.shortcut = (nn.Identity() if cin == cout and stride == 1
-                         else nn.Sequential(conv1x1(cin, cout, stride), new_bn(cout)))
+        # Projection shortcut (1x1, stride s: samples positions 0, 2, ...) in the first block of a stage.
+        self.shortcut = (nn.Sequential(conv1x1(cin, cout, stride), new_bn(cout)) if block.projection
+                         else nn.Identity())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, cin, L) -> (N, cout, L / stride)
         return F.relu(self.branch(x) + self.shortcut(x))
@@ -89,18 +84,18 @@ class TextCNN(nn.Module):
     """The text path. ``forward(tokens)`` with tokens (N, max_len) int64 of 1-based word indices, 0 = padding."""
 
     def __init__(self, vocab_size: int, max_len: int = 32, word2vec: torch.Tensor | None = None,
-                 dropout: float = 0.75, pool: str = "max", depth: str = "res50", embed_dim: int = 300,
+                 dropout: float = 0.75, pool: str = "max", depth: str = "res50", embed_dim: int = spec.EMBED_DIM,
                  feature_dim: int = 2048, width: float = 1.0) -> None:
         """``width`` scales every stage width (1.0 = the paper); a smaller value is a documented CPU-demo/test
         option, never a paper recipe. ``feature_dim`` is the embedding size (2048 in the paper)."""
         super().__init__()
         if pool not in ("max", "avg"):
             raise ValueError(f"pool must be one of ['max', 'avg'], got {pool!r}")
-        if depth not in STAGES:
-            raise ValueError(f"depth must be one of {sorted(STAGES)}, got {depth!r}")
-        downsample = math.prod(s for *_, s in STAGES[depth])
+        if depth not in spec.TEXT_STAGES:
+            raise ValueError(f"depth must be one of {sorted(spec.TEXT_STAGES)}, got {depth!r}")
+        downsample = spec.text_downsample(depth)
         if max_len % downsample:
-            raise ValueError(f"max_len must be a multiple of {downsample}, got {max_len}")
+            raise InvalidValue(f"max_len must be a multiple of {downsample}, got {max_len}")
         self.vocab_size, self.max_len, self.pool, self.depth = vocab_size, max_len, pool, depth
         # RES1: word2vec "1x1 conv with bias" == embedding lookup (row 0 = padding, fixed at 0) + a bias everywhere.
         self.embed = nn.Embedding(vocab_size + 1, embed_dim, padding_idx=0)
@@ -117,15 +112,9 @@ class TextCNN(nn.Module):
         with torch.no_grad():
             self.embed.weight[0].zero_()
         self.embed_bn = new_bn(embed_dim)  # BN over batch x all positions (padding included), no ReLU
-        blocks: list[nn.Module] = []
-        cin = embed_dim
-        for n_blocks, proj_mid, cout, stride in STAGES[depth]:
-            proj_mid, cout = max(4, round(proj_mid * width)), max(4, round(cout * width))
-            blocks.append(Bottleneck(cin, proj_mid, cout, stride))
-            blocks += [Bottleneck(cout, cout // 4, cout, 1) for _ in range(n_blocks - 1)]
-            cin = cout
-        self.blocks = nn.Sequential(*blocks)
-        self.fc = nn.Linear(cin, feature_dim, bias=False)  # fc5_2, a 1x1 conv on the pooled 1x1 map
+        blocks = spec.text_blocks(depth, width, embed_dim)
+        self.blocks = nn.Sequential(*[Bottleneck(b) for b in blocks])
+        self.fc = nn.Linear(blocks[-1].cout, feature_dim, bias=False)  # fc5_2, a 1x1 conv on the pooled 1x1 map
         init_new_conv_(self.fc.weight)
         self.fc_bn = new_bn(feature_dim)
         self.dropout = nn.Dropout(dropout)  # decision 13: MatConvNet's rate is the DROP probability

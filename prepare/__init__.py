@@ -2,11 +2,13 @@
 
 One module per dataset (``python -m prepare.flickr30k``, ``prepare.flickr8k``, ``prepare.coco``,
 ``prepare.cuhk_pedes``) plus ``prepare.synthetic`` (writes a small *raw* dataset in the Flickr30k formats).
-They share ``prepare.core`` (tokenise, dictionary, index, atomic cache writer, manifest), ``prepare.word2vec``
-and ``prepare.images``; ``--dictionary FILE`` indexes with a given dictionary instead (``prepare.dictionary``: the
-authors' ``make_dictionary.m`` .mat or a word list). ``prepare.matconvnet`` converts the original MatConvNet networks
-(reading .mat files with ``prepare.matconvnet_io``, checking and mapping them by name in ``prepare.matconvnet_net``).
-This package never imports the models.
+They share ``prepare.pipeline`` (the flags, then tokenise, dictionary, index, resize and the atomic write of the
+prepared directory and its manifest) on top of ``prepare.core`` (errors, the text pipeline's functions, input
+files, digests), ``prepare.word2vec`` and ``prepare.images``; ``--dictionary FILE`` indexes with a given dictionary
+instead (``prepare.dictionary``: the authors' ``make_dictionary.m`` .mat, read by ``prepare.matfile``, or a word
+list). Imports run one way: ``core`` <- ``word2vec``, ``images``, ``matfile`` <- ``dictionary`` <- ``pipeline`` <-
+the dataset modules. Only ``prepare.synthetic_backbone`` (the demo's stand-in for ImageNet weights) imports the
+models; the MatConvNet converter is the package ``matconvnet``, above this one.
 
 The prepared directory (format version 1)::
 

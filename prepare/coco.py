@@ -21,9 +21,10 @@ from typing import Sequence
 
 import numpy as np
 
-from prepare.cli import ArgumentParser
-from prepare.core import (COCO_DELIMITERS, PrepareError, RawImage, Warnings, add_common_args, check_dir,
-                          load_json, read_karpathy_json, require, run_cli, write_prepared)
+from utils.cli import ArgumentParser
+from prepare.core import (COCO_DELIMITERS, PrepareError, RawImage, Warnings, check_dir, load_json,
+                          read_karpathy_json, require, run_cli)
+from prepare.pipeline import add_common_args, write_prepared
 
 FOLDERS = ("train2014", "val2014", "train2017", "val2017")
 

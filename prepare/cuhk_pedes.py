@@ -13,9 +13,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from prepare.cli import ArgumentParser
-from prepare.core import (SPLITS, PrepareError, RawImage, Warnings, add_common_args, check_dir, check_file,
-                          load_json, require, run_cli, write_prepared)
+from utils.cli import ArgumentParser
+from prepare.core import (SPLITS, PrepareError, RawImage, Warnings, check_dir, check_file, load_json, require,
+                          run_cli)
+from prepare.pipeline import add_common_args, write_prepared
 
 
 def collect(args: argparse.Namespace, warnings: Warnings) -> tuple[list[RawImage], dict[str, Path]]:

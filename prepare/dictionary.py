@@ -46,19 +46,19 @@ def _check_words(words: list[str], where: str) -> None:
 
 def read_given_dictionary(path: str | Path) -> GivenDictionary:
     """Words (and vectors when the file has them) of an authors' ``subset`` .mat or a one-word-per-line file."""
-    from prepare import matconvnet_io as mio
+    from prepare import matfile
 
     path = check_file(path, "--dictionary")
     with open(path, "rb") as f:
         is_mat = f.read(6) == b"MATLAB"
     if is_mat:
-        subset = mio.one(mio.load(path, ["subset"])["subset"], f"{path}: subset")
+        subset = matfile.one(matfile.load(path, ["subset"])["subset"], f"{path}: subset")
         names, feats = subset.get("names"), subset.get("features")
         if not isinstance(names, list) or not all(isinstance(w, str) for w in names):
-            raise PrepareError(f"{path}: subset.names must be a cell array of words, got {mio.describe(names)}")
+            raise PrepareError(f"{path}: subset.names must be a cell array of words, got {matfile.describe(names)}")
         if not isinstance(feats, np.ndarray) or feats.ndim != 2 or feats.shape[1] != len(names):
             raise PrepareError(f"{path}: subset.features must be D x {len(names)} (one word2vec column per word "
-                               f"of subset.names), got {mio.describe(feats)}")
+                               f"of subset.names), got {matfile.describe(feats)}")
         _check_words(names, f"{path}: subset.names")
         vectors = np.ascontiguousarray(feats.T, dtype=np.float32)  # (V, D)
         fmt = "matlab subset (make_dictionary.m)"

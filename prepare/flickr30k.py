@@ -17,9 +17,10 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from prepare.cli import ArgumentParser
-from prepare.core import (PrepareError, RawImage, Warnings, add_common_args, check_dir, check_file,
-                          read_karpathy_json, read_lines, run_cli, write_prepared)
+from utils.cli import ArgumentParser
+from prepare.core import (PrepareError, RawImage, Warnings, check_dir, check_file, read_karpathy_json, read_lines,
+                          run_cli)
+from prepare.pipeline import add_common_args, write_prepared
 
 CAPTION_LINE = re.compile(r"^(?P<name>[^\t#]+)#(?P<k>\d+)\t(?P<text>.*)$")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")

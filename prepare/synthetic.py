@@ -37,9 +37,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import random
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -48,7 +46,8 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
-from prepare.cli import ArgumentParser, run_guarded
+from utils.cli import ArgumentParser, InvalidValue, run_guarded
+from utils.files import atomic_dir
 
 TOKEN_FILE = "results_20130124.token"
 SPLIT_FILE = "dataset_flickr30k.json"
@@ -96,7 +95,7 @@ def make_scenes(n: int, rng: np.random.Generator, colours: int = len(COLOURS), s
     """n (background, shapes) scenes with pairwise different multisets of (shape, colour, size), drawn from the
     first ``colours`` colours and first ``shapes`` shapes (a smaller palette makes every part frequent)."""
     if not (1 <= colours <= len(COLOURS) and 1 <= shapes <= len(SHAPES)):
-        raise ValueError(f"colours must be in 1..{len(COLOURS)} and shapes in 1..{len(SHAPES)}, "
+        raise InvalidValue(f"colours must be in 1..{len(COLOURS)} and shapes in 1..{len(SHAPES)}, "
                          f"got {colours} and {shapes}")
     seen: set[tuple] = set()
     scenes: list[tuple[str, list[Shape]]] = []
@@ -105,7 +104,7 @@ def make_scenes(n: int, rng: np.random.Generator, colours: int = len(COLOURS), s
     while len(scenes) < n:
         tries += 1
         if tries > 200 * n + 1000:
-            raise ValueError(f"cannot draw {n} unique scenes from {colours} colours x {shapes} shapes; "
+            raise InvalidValue(f"cannot draw {n} unique scenes from {colours} colours x {shapes} shapes; "
                              f"use fewer images or a larger palette")
         count = int(rng.choice([1, 2, 3], p=[0.2, 0.4, 0.4]))
         cells = rng.choice(9, size=count, replace=False)
@@ -307,9 +306,10 @@ def make_synthetic(out_dir: str | Path, images: int = 600, seed: int = 0, val: i
     val = default_holdout(images) if val is None else val
     test = default_holdout(images) if test is None else test
     if images < 3 or val < 0 or test < 0 or val + test >= images:
-        raise ValueError(f"need images >= 3 and 0 <= val + test < images (got images={images}, val={val}, test={test})")
+        raise InvalidValue(f"need images >= 3 and 0 <= val + test < images (got images={images}, val={val}, "
+                           f"test={test})")
     if images > 50000:
-        raise ValueError("at most 50000 images (unique scenes become scarce)")
+        raise InvalidValue("at most 50000 images (unique scenes become scarce)")
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty (use --overwrite)")
     rng, rnd = np.random.default_rng(seed), random.Random(seed)
@@ -323,11 +323,7 @@ def make_synthetic(out_dir: str | Path, images: int = 600, seed: int = 0, val: i
     heldout_at = {min(i for i in range(images) if split[i] == s) for s in ("val", "test") if s in split}
     ids = FIRST_ID + np.cumsum(rng.integers(1, 1000, size=images))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    try:
+    with atomic_dir(out) as tmp:  # replaces OUT (checked above) only when complete
         (tmp / "images").mkdir(parents=True)
         token_lines, json_images, scene_rows, train_sents = [], [], [], []
         for i, (bg, parts) in enumerate(scenes):
@@ -354,12 +350,6 @@ def make_synthetic(out_dir: str | Path, images: int = 600, seed: int = 0, val: i
                   "captions": 5 * images, "vocab": vocab}
         (tmp / "README.txt").write_text(_readme(images, seed, counts, vocab, colours, shapes, full_captions),
                                         encoding="utf-8")
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return {"out": str(out), "images_dir": str(out / "images"), "captions": str(out / TOKEN_FILE),
             "split_json": str(out / SPLIT_FILE), "word2vec": str(out / W2V_FILE), "scenes": str(out / "scenes.json"),
             "readme": str(out / "README.txt"), "counts": counts, "dropped_words": list(DROPPED_WORDS),

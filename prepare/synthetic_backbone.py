@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -34,7 +33,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from prepare.cli import ArgumentParser, run_guarded
+from utils.cli import ArgumentParser, InvalidValue, run_guarded
+from utils.files import atomic_write, write_json
 
 from .synthetic import BACKGROUNDS, COLOURS, SHAPES, Shape, make_scenes, render, scene_identity
 
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     import torch
 
 # torch and models.image_cnn (torchvision) are imported inside the functions that use them, so that --help and
-# argument errors answer before they load (prepare/cli.py). The names of models.image_cnn.ARCHS this module trains
+# argument errors answer before they load (utils/cli.py). The names of models.image_cnn.ARCHS this module trains
 # (test_synthetic_backbone pins that they are there):
 ARCHS = ("resnet18", "resnet50", "resnet152")
 GROUPS = {"pair": slice(0, 48), "colour": slice(48, 56), "shape": slice(56, 62), "background": slice(62, 65)}
@@ -66,7 +66,7 @@ def excluded_identities(path: str | Path) -> set[tuple]:
         rows = json.loads(Path(path).read_text(encoding="utf-8"))
         return {scene_identity([(x["shape"], x["colour"], x["size"]) for x in r["shapes"]]) for r in rows}
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ValueError(f"--exclude {path}: expected the scenes.json written by python -m prepare.synthetic "
+        raise InvalidValue(f"--exclude {path}: expected the scenes.json written by python -m prepare.synthetic "
                          f"(a list of {{'shapes': [{{'shape', 'colour', 'size', ...}}]}}): {e}") from e
 
 
@@ -125,9 +125,9 @@ def pretrain(out: str | Path, arch: str = "resnet18", size: int = 64, images: in
     from models.image_cnn import ARCHS as IMAGE_ARCHS  # (models/ installs the torchvision guard first)
 
     if arch not in ARCHS:
-        raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(ARCHS)}")
+        raise InvalidValue(f"unknown arch {arch!r}; choose one of {sorted(ARCHS)}")
     if size < 32 or images < 1 or holdout < 1 or steps < 1 or batch < 1 or lr <= 0:
-        raise ValueError(f"need size >= 32 and images, holdout, steps, batch, lr > 0 (got size={size}, "
+        raise InvalidValue(f"need size >= 32 and images, holdout, steps, batch, lr > 0 (got size={size}, "
                          f"images={images}, holdout={holdout}, steps={steps}, batch={batch}, lr={lr})")
     t0 = time.time()
     excluded = excluded_identities(exclude) if exclude else set()
@@ -159,16 +159,9 @@ def pretrain(out: str | Path, arch: str = "resnet18", size: int = 64, images: in
               "loss_first_last": [round(losses[0], 4), round(float(np.mean(losses[-10:])), 4)],
               "heldout": heldout_accuracy(net, x_held, y_held), "seconds": round(time.time() - t0, 1)}
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp, tmp_json = out.with_name(f".{out.name}.tmp-{os.getpid()}"), out.with_name(f".{out.name}.json.tmp")
-    try:
-        torch.save(net.state_dict(), tmp)
-        tmp_json.write_text(json.dumps(result, indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp_json, out.with_name(out.name + ".json"))
-        os.replace(tmp, out)  # last: the .pth exists only when complete
-    finally:
-        tmp.unlink(missing_ok=True)
-        tmp_json.unlink(missing_ok=True)
+    with atomic_write(out) as f:  # renamed last: the .pth exists only when complete, its .json beside it
+        torch.save(net.state_dict(), f)
+        write_json(result, out.with_name(out.name + ".json"))
     return result
 
 
@@ -195,7 +188,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         held = ", ".join(f"{g} {v['accuracy']:.3f} (base {v['base_rate']:.3f})" for g, v in r["heldout"].items())
         print(f"wrote {a.out} ({r['seconds']:.0f} s); held-out attribute accuracy: {held}")
 
-    return run_guarded(body, errors=(ValueError, OSError, FloatingPointError),
+    return run_guarded(body, errors=(InvalidValue, OSError, FloatingPointError),
                        interrupted=f"interrupted: {a.out} was not written")
 
 

@@ -4,7 +4,8 @@
 the vendored ``init``, pool1 pad [0 1 0 1], stride 2 in branch2a); ``dual_path_net`` adds the authors' image head,
 text CNN and shared classifier (reference section 4) for "flickr30k", "coco" (no fcshareb, 415 params) or "cuhk"
 (L_max 56, fc5_1 pool [1 14]), with the Stage II LRN / RankLoss layers. Weights are random but well scaled; BN
-moments are [mu, sigma] with sigma > 0.
+moments are [mu, sigma] with sigma > 0. Block counts, widths and epsilons are ``models/spec.py``'s; the MatConvNet
+names and the wiring are written out here from the reference, independently of the converter.
 
 Writers: ``save_v5`` (scipy.io.savemat: struct arrays, cell arrays, ``oned_as='column'``, compressed) and
 ``save_v73`` (MATLAB's HDF5 layout: 512-byte user block with the MAT header, MATLAB_class attributes, cells and
@@ -17,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from models import spec
 
 
 class Cell(list):
@@ -83,11 +86,12 @@ def _ids(n: int) -> list[str]:
     return list(string.ascii_lowercase[:n]) if n <= 6 else ["a"] + [f"b{i}" for i in range(1, n)]
 
 
-def resnet_net(width: float = 1 / 8, seed: int = 0, eps: float = 1e-5, fc1000: bool = True,
-               blocks: tuple[int, int, int, int] = (3, 4, 6, 3)) -> NetBuilder:
-    """imagenet-resnet-50-dag.mat (or -152 with blocks (3, 8, 36, 3)) at ``width`` (64*width channels after conv1)."""
+def resnet_net(width: float = 1 / 8, seed: int = 0, eps: float = spec.CAFFE_BN_EPS, fc1000: bool = True,
+               blocks: tuple[int, ...] = spec.RESNET_BLOCKS["resnet50"]) -> NetBuilder:
+    """imagenet-resnet-50-dag.mat (or -152 with spec.RESNET_BLOCKS["resnet152"]) at ``width`` (64*width channels
+    after conv1)."""
     nb = NetBuilder(seed)
-    base = int(64 * width)
+    base = spec.resnet_stem(width)
     x = nb.conv("conv1", "data", "conv1", (7, 7, 3, base), ["conv1_filter", "conv1_bias"], bias=True, stride=2,
                 pad=(3, 3, 3, 3))
     x = nb.bn("bn_conv1", x, "bn_conv1", base, ["bn_conv1_mult", "bn_conv1_bias", "bn_conv1_moments"], eps)
@@ -96,7 +100,7 @@ def resnet_net(width: float = 1 / 8, seed: int = 0, eps: float = 1e-5, fc1000: b
     cin = base
     for s, (stage, n) in enumerate(zip((2, 3, 4, 5), blocks)):
         mid = base * 2 ** s
-        out = 4 * mid
+        out = spec.EXPANSION * mid
         for k, b in enumerate(_ids(n)):
             first = 2 if (k == 0 and stage > 2) else 1
             inp = x
@@ -125,16 +129,12 @@ def resnet_net(width: float = 1 / 8, seed: int = 0, eps: float = 1e-5, fc1000: b
     return nb
 
 
-def _tw(c: int, width: float) -> int:
-    return max(4, round(c * width))
-
-
 def dual_path_net(kind: str = "flickr30k", *, width: float = 1 / 8, text_width: float = 1 / 8, dim: int = 32,
                   vocab: int = 12, classes: int = 7, stage: int = 2, seed: int = 0) -> NetBuilder:
     """A released network (Stage I or II) of ``kind`` flickr30k | coco | cuhk, at reduced widths."""
     nb = resnet_net(width, seed, fc1000=False)
     nb.layers = [layer for layer in nb.layers if layer["name"] not in ("fc1000", "prob")]
-    e = 1e-3
+    e = spec.NEW_BN_EPS
     bnp = (lambda n: [f"{n}_w", f"{n}_b", f"{n}_m"])
     x = nb.conv("fc1", "pool5", "fc1", (1, 1, nb.channels, dim), ["fc1f"])  # type: ignore[attr-defined]
     x = nb.bn("fc1bn", x, "fc1bn", dim, bnp("fc1bn"), e)
@@ -145,8 +145,9 @@ def dual_path_net(kind: str = "flickr30k", *, width: float = 1 / 8, text_width: 
     rate = {"flickr30k": 0.75, "coco": 0.5, "cuhk": 0.8}[kind]
     nb.add("dropout", "DropOut", [img], ["fc1_1bnxd"], [], {"rate": rate, "frozen": False})
     # text CNN
-    t = nb.conv("fc2", "data2", "fc2", (1, 1, vocab, 300), ["fc2f", "fc2b"], bias=True)
-    t = nb.bn("fc2bn", t, "fc2bn", 300, bnp("fc2bn"), e)
+    emb = spec.EMBED_DIM
+    t = nb.conv("fc2", "data2", "fc2", (1, 1, vocab, emb), ["fc2f", "fc2b"], bias=True)
+    t = nb.bn("fc2bn", t, "fc2bn", emb, bnp("fc2bn"), e)
 
     def branch(main: str, x: str, cin: int, mid: int, cout: int, stride: int, first_bn_suffix: str) -> str:
         y = nb.conv(f"{main}_1", x, f"{main}_1", (1, 1, cin, mid), [f"{main}_1f"])
@@ -165,25 +166,25 @@ def dual_path_net(kind: str = "flickr30k", *, width: float = 1 / 8, text_width: 
         s = nb.sum(f"{prefix}sum", y, sc, f"{prefix}sum")
         return nb.relu(f"{prefix}x", s, out)
 
-    c1, m1 = _tw(256, text_width), _tw(128, text_width)
-    t = projection("fc2_1", "fc2_1", t, 300, m1, c1, 1, "fc2_1sumx")
+    stages = [(n, spec.text_width(m, text_width), spec.text_width(c, text_width), s)
+              for n, m, c, s in spec.TEXT_STAGES["res50"]]  # (blocks, projection mid, out, stride)
+    (_, m1, c1, s1), (n2, _, c2, _), (n3, _, c3, _), (_, _, c5, s5) = stages
+    t = projection("fc2_1", "fc2_1", t, emb, m1, c1, s1, "fc2_1sumx")
     cin = c1
-    for stage_i, (prefix, n_id, cout, stride, nxt) in enumerate(
-            (("fc2", 2, c1, None, None), ("fc3", 3, _tw(512, text_width), None, None),
-             ("fc4", 5, _tw(1024, text_width), None, None))):
+    for stage_i, (prefix, n_id, cout) in enumerate((("fc2", stages[0][0] - 1, c1), ("fc3", n2 - 1, c2),
+                                                    ("fc4", n3 - 1, c3))):
         if stage_i > 0:  # the projection block into this stage
             q = {1: "fc2_4", 2: "fc3_5"}[stage_i]
-            t = projection(q, f"{q}a", t, cin, cout, cout, 2, f"{prefix}_1sumx")
+            t = projection(q, f"{q}a", t, cin, cout, cout, stages[stage_i][3], f"{prefix}_1sumx")
             cin = cout
         for i in range(2, 2 + n_id):
             p = f"{prefix}_{i}"
             y = branch(p, t, cout, cout // 4, cout, 1, "_1")
             s = nb.sum(f"{p}sum", t, y, f"{p}sum")
             t = nb.relu(f"{p}x", s, f"{p}sumx")
-    c5 = _tw(2048, text_width)
-    t = projection("fc4_7", "fc4_7a", t, cin, c5, c5, 1, "fc5_1sumx")
+    t = projection("fc4_7", "fc4_7a", t, cin, c5, c5, s5, "fc5_1sumx")
     max_len = 56 if kind == "cuhk" else 32
-    t = nb.pool("fc5_1", t, "fc5_1bnx", (1, max_len // 4), "max", 1, (0, 0, 0, 0))
+    t = nb.pool("fc5_1", t, "fc5_1bnx", (1, max_len // spec.text_downsample("res50")), "max", 1, (0, 0, 0, 0))
     t = nb.conv("fc5_2", t, "fc5_2", (1, 1, c5, dim), ["fc5_2f"])
     t = nb.bn("fc5_2bn", t, "fc5_2bn", dim, bnp("fc5_2bn"), e)
     txt = nb.relu("fc5_2x", t, "fc5_2bnx")
@@ -214,6 +215,19 @@ def net_struct(nb: NetBuilder, mean: np.ndarray) -> dict[str, Any]:
             "layers": StructArray(nb.layers),
             "meta": {"normalization": {"averageImage": mean, "imageSize": np.array([[224.0, 224, 3]])},
                      "classes": {"name": Cell(["a", "b"])}}}
+
+
+def plain(value: Any) -> Any:
+    """The fixture structures in the readers' plain form (what the .mat readers return)."""
+    if isinstance(value, StructArray):
+        return [{k: plain(v) for k, v in item.items()} for item in value]
+    if isinstance(value, Cell):
+        return [plain(v) for v in value]
+    if isinstance(value, dict):
+        return [{k: plain(v) for k, v in value.items()}]
+    if isinstance(value, (bool, float)):
+        return np.array([[value]])
+    return value
 
 
 # ------------------------------------------------------------------------------------------------ v5 (scipy)

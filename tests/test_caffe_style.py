@@ -50,7 +50,7 @@ def randomize_(net: nn.Module, seed: int = 0) -> nn.Module:
 
 
 def write_caffe_backbone(path: Path, eps: float = 1e-5, sidecar: dict | None = None) -> dict:
-    """A caffe-style backbone file as ``python -m prepare.matconvnet backbone`` writes it (state dict + sidecar)."""
+    """A caffe-style backbone file as ``python -m matconvnet backbone`` writes it (state dict + sidecar)."""
     torch.manual_seed(1)
     state = randomize_(CaffeResNet("resnet50", eps, WIDTH)).state_dict()
     torch.save(state, path)
@@ -164,7 +164,7 @@ def test_caffe_file_loads_exactly_and_styles_never_mix(tmp_path):
     torch.save(state, bare)
     with pytest.raises(ValueError, match="torchvision-style weights .* backbone style is caffe"):
         ImageCNN("resnet50", str(bare), style="caffe", backbone_width=WIDTH, pixel_mean=(1.0, 2.0, 3.0))
-    with pytest.raises(ValueError, match="prepare.matconvnet backbone"):
+    with pytest.raises(ValueError, match="python -m matconvnet backbone"):
         ImageCNN("resnet50", "imagenet", style="caffe", pixel_mean=(1.0, 2.0, 3.0))
     with pytest.raises(ValueError, match=r"records bn_eps 1e-05 but this run has bn_eps 0\.001"):
         ImageCNN("resnet50", str(path), style="caffe", bn_eps=1e-3, backbone_width=WIDTH, pixel_mean=(1.0, 2.0, 3.0))

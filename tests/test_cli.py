@@ -1,4 +1,4 @@
-"""The command-line convention (prepare/cli.py, docs/cli.md) on every entry point, as a user meets it: a process.
+"""The command-line convention (utils/cli.py, docs/cli.md) on every entry point, as a user meets it: a process.
 
 - ``--help`` and usage errors never import torch, torchvision or the models (``python -X importtime``);
 - a usage error, and every mistake in a user's input tried here (bad path, config key, YAML, checkpoint, prepared
@@ -6,8 +6,8 @@
   exit status 2, no traceback;
 - ``evaluate.py --embeddings`` never imports torchvision or the models.
 
-Entry points are discovered (every root/prepare/engine/bench ``*.py`` with a ``__main__`` block), so a new one is
-checked without editing this file.
+Entry points are discovered (every root/prepare/matconvnet/engine/bench ``*.py`` with a ``__main__`` block), so a new
+one is checked without editing this file.
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from prepare.cli import ArgumentParser, UserError, run_guarded
+from utils.cli import ArgumentParser, InvalidValue, UserError, run_guarded
 from tests.test_visualize_search import checkpoint, data, model, prepared  # noqa: F401  (shared fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,6 +79,10 @@ def test_run_guarded_user_errors_bugs_and_interrupts(capsys):
     assert capsys.readouterr().err == "interrupted: nothing written\n"
     with pytest.raises(KeyError):  # a bug is not a user error: it keeps its traceback
         run_guarded(raise_(KeyError("x")))
+    with pytest.raises(ValueError, match="cannot reshape"):  # nor is a ValueError, e.g. one raised inside numpy
+        run_guarded(lambda: np.zeros(3).reshape(2, 2))
+    assert run_guarded(raise_(InvalidValue("--n 3: expected an even number"))) == 2  # a value the user gave
+    assert capsys.readouterr().err == "error: --n 3: expected an even number\n"
     assert run_guarded(lambda: None) == 0 and run_guarded(lambda: 3) == 3
 
 
@@ -86,7 +90,8 @@ def test_every_entry_point_is_discovered():
     found = {ep_id(ep) for ep in ENTRY_POINTS}
     assert {"train_stage1.py", "train_stage2.py", "evaluate.py", "-m engine.search", "-m prepare.flickr30k",
             "-m prepare.flickr8k", "-m prepare.coco", "-m prepare.cuhk_pedes", "-m prepare.synthetic",
-            "-m prepare.synthetic_backbone", "bench/eval_speed.py", "bench/cli_speed.py"} <= found
+            "-m prepare.synthetic_backbone", "-m matconvnet", "-m engine.browse", "bench/eval_speed.py",
+            "bench/cli_speed.py"} <= found
 
 
 # ------------------------------------------------------------------------------------------------ every entry point
@@ -178,6 +183,20 @@ def test_evaluate_input_errors(tmp_path):
         proc, heavy = run("evaluate.py", *args, importtime=True)
         assert_user_error(proc, *names)
         assert "torchvision" not in heavy and "models" not in heavy, (args, heavy)
+
+
+def test_a_bug_keeps_its_traceback_a_users_mistake_is_one_line(tmp_path):
+    """The same scoring step of evaluate.py: labels without a match in the user's file are one ``error:`` line (exit
+    2); a ValueError raised inside numpy (a bug, injected here) is not turned into one: traceback, exit status 1."""
+    unmatched = small_npz(tmp_path / "u.npz", text_labels=np.repeat(np.arange(4), 2) + 7)
+    assert_user_error(run("evaluate.py", "--embeddings", str(unmatched))[0], "u.npz", "no correct item")
+    bug = ("import sys, numpy as np, engine.metrics as m, evaluate\n"
+           "m.recall_metrics = lambda *a, **k: np.zeros(3).reshape(2, 2)  # a bug inside numpy\n"
+           f"sys.exit(evaluate.main(['--embeddings', {str(small_npz(tmp_path / 'ok.npz'))!r}]))")
+    proc, _ = run("-c", bug)
+    assert proc.returncode == 1 and "Traceback" in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.rstrip().splitlines()[-1] == "ValueError: cannot reshape array of size 3 into shape (2,2)"
+    assert "error:" not in proc.stderr
 
 
 def test_evaluate_checkpoint_errors(tmp_path, prepared, checkpoint):  # noqa: F811

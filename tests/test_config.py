@@ -252,6 +252,8 @@ def test_config_choices_match_the_models_lists():
     from engine.config import CHOICES
     from models.image_cnn import ARCHS, STYLES
     from models.losses import RANKING_LOSSES
+    from models.spec import TEXT_STAGES
     assert set(CHOICES["arch"]) == set(ARCHS)
+    assert set(CHOICES["text_depth"]) == set(TEXT_STAGES)
     assert CHOICES["ranking_loss"] == RANKING_LOSSES
     assert CHOICES["backbone_style"] == ("auto", *STYLES)

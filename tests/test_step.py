@@ -26,7 +26,7 @@ from engine.data import RunSampler
 from engine.loop import NonFiniteLoss, Trainer
 from engine.step import EmulatedGraph, StepStats, resolve_mode
 from models import top1_accuracy, total_loss
-from prepare.cli import UserError
+from utils.cli import UserError
 from tests.test_training import STAGE2, STEPS_PER_EPOCH, make_prepared, one_thread, tiny  # noqa: F401 (autouse)
 
 SCHEDULE = [[2, 1.0], [3, 0.1]]  # 5 epochs of 4 steps = 20 steps, the LR falls tenfold after step 8

@@ -1,4 +1,5 @@
-"""Read MATLAB .mat files into plain Python values (for the MatConvNet converter and the authors' dictionary).
+"""Read MATLAB .mat files into plain Python values: the authors' dictionary (``prepare.dictionary``, for
+``--dictionary``) and the MatConvNet networks (the converter, ``matconvnet/``, which imports it from here).
 
 The 128-byte header decides the reader: ``MATLAB 5.0 MAT-file`` (Level 5, MATLAB's ``-v6``/``-v7``, possibly
 compressed) is read with ``scipy.io.loadmat``; ``MATLAB 7.3 MAT-file`` (HDF5 with a 512-byte user block) with h5py.

@@ -1,10 +1,12 @@
 """A MatConvNet DagNN (as ``DagNN.saveobj`` writes it) checked against the original networks and mapped, BY NAME,
 to PyTorch state-dict tensors (reference: /work/shared/reference/matconvnet_models.md, sections 2-6 and 9).
 
-``parse_dagnn`` turns the plain struct of ``prepare.matconvnet_io`` into a ``DagNN`` (layers by name, params by
-name, unknown block fields such as the vendored ``init`` ignored). ``prepare.matconvnet_spec`` lists the ``Entry``s
-of the original networks (every parameter, its owning layer, the shape and geometry it must have).
-``check_inventory`` and ``convert`` check the names (exactly those), every shape and every geometry, then build:
+``parse_dagnn`` turns the plain struct of ``prepare.matfile`` into a ``DagNN`` (layers by name, params by
+name, unknown block fields such as the vendored ``init`` ignored). ``matconvnet.layout`` lists the ``Entry``s
+of the original networks (every parameter, its owning layer, the shape and geometry it must have) and their ``Node``s
+(every layer from the inputs to the features and the classifier, with what it reads).
+``check_inventory``, ``check_wiring`` and ``convert`` check the names (exactly those), the wiring, every shape and
+every geometry, then build:
 
     conv filter  h x w x Cin x Cout  -> Conv2d (Cout, Cin, h, w) / Conv1d (Cout, Cin, w) / Linear (Cout, Cin)
     BatchNorm    mult, bias, moments = [mu, sigma]  -> weight, bias, running_mean = mu,
@@ -12,7 +14,7 @@ of the original networks (every parameter, its owning layer, the shape and geome
 
 MatConvNet's test-mode BN computes mult / sigma * (x - mu) + bias with the stored sigma = sqrt(var + eps_train);
 PyTorch computes weight / sqrt(running_var + eps) * (x - running_mean) + bias, so the rule above is exact.
-Nothing here imports torch: the result is a dict of NumPy arrays (views of the file's arrays where possible).
+Nothing here uses torch: the result is a dict of NumPy arrays (views of the file's arrays where possible).
 """
 from __future__ import annotations
 
@@ -22,13 +24,12 @@ from typing import Any
 
 import numpy as np
 
-from prepare.core import PrepareError
-from prepare.matconvnet_io import describe
+from models import spec
+from prepare.matfile import describe
+from utils.cli import UserError
 
-NEW_BN_EPS = 1e-3  # every BN the authors' network files add (their modified dagnn.BatchNorm default)
 
-
-class ConvertError(PrepareError):
+class ConvertError(UserError):
     """The file is not the network the converter expects; the message names the file, layer/param and the rule."""
 
 
@@ -146,6 +147,70 @@ class Entry:
     group: str = "new"  # "backbone" | "new" (BN eps source)
 
 
+@dataclass(frozen=True)
+class Node:
+    """One layer of the original network's DAG: its name, type and what it reads, each input named by the layer
+    that writes it (or a network input, ``data`` / ``data2``). ``var``: the output variable's name where the
+    original code reads it by name (``pool5``, the test features ``fc1_1bn`` and ``fc5_2bn``)."""
+    layer: str
+    type: str  # dagnn.Conv, dagnn.BatchNorm, dagnn.ReLU, dagnn.Pooling, dagnn.Sum, dagnn.DropOut
+    inputs: tuple[str, ...]
+    var: str | None = None
+
+
+NETWORK_INPUTS = ("data", "data2")  # the image and the one-hot sentence (test/getFeature2.m and the text loop)
+
+
+# ------------------------------------------------------------------------------------------------ wiring
+def check_wiring(dag: DagNN, nodes: list[Node]) -> None:
+    """Every layer on the way from the network inputs to the features and the classifier has the original's type and
+    reads what the original's reads. A variable is compared by the layer that writes it (the backbone's variable
+    names come from MatConvNet's importer and are not known for certain), by name for the network inputs and
+    ``Node.var``. Layers off that way (losses, LRN, RankLoss) are not read by the conversion and not checked."""
+    producer: dict[str, str] = {}
+    for layer in dag.layers.values():
+        for var in layer.outputs:
+            if var in producer:
+                raise dag.fail(f"variable {var!r} is written by layers {producer[var]!r} and {layer.name!r}; in the "
+                               f"original network one layer writes each variable")
+            producer[var] = layer.name
+
+    def source(var: str) -> str:  # who writes var, in the words of the message
+        return f"the output of layer {producer[var]!r}" if var in producer else f"the network input {var!r}"
+
+    for node in nodes:
+        layer = dag.layers.get(node.layer)
+        if layer is None:
+            raise dag.fail(f"layer {node.layer!r} ({node.type}) of the original network is missing")
+        if layer.type != node.type:
+            raise dag.fail(f"layer {node.layer!r} is a {layer.type}, the original's is a {node.type}")
+        if len(layer.outputs) != 1 or (node.var is not None and layer.outputs != [node.var]):
+            want = repr(node.var) if node.var is not None else "one variable"
+            raise dag.fail(f"layer {node.layer!r} writes {layer.outputs}, the original writes {want}")
+        if len(layer.inputs) != len(node.inputs):
+            raise dag.fail(f"layer {node.layer!r} reads {len(layer.inputs)} variables {layer.inputs}, the original "
+                           f"reads {len(node.inputs)}")
+        got = [(source(v), v) for v in layer.inputs]
+        want = [f"the network input {w!r}" if w in NETWORK_INPUTS else f"the output of layer {w!r}"
+                for w in node.inputs]
+        if node.type == "dagnn.Sum":  # a sum does not depend on the order of its inputs: pair what differs
+            unmatched, wrong = list(want), []
+            for src, var in got:
+                if src in unmatched:
+                    unmatched.remove(src)
+                else:
+                    wrong.append((src, var))
+            diff = list(zip(wrong, unmatched))
+        else:
+            diff = [(g, w) for g, w in zip(got, want) if g[0] != w]
+        if diff:
+            (src, var), expected = diff[0]
+            raise dag.fail(f"layer {node.layer!r} reads variable {var!r} ({src}), the original reads {expected}")
+        if node.type == "dagnn.ReLU" and "leak" in layer.block and dag.number(layer, "leak", 1) != [0.0]:
+            raise dag.fail(f"layer {node.layer!r}: leak {dag.number(layer, 'leak', 1)[0]:g}, the original's ReLU has "
+                           f"leak 0")
+
+
 # ------------------------------------------------------------------------------------------------ geometry
 def check_resnet_geometry(dag: DagNN) -> None:
     """pool1 = max 3x3 stride 2 pad [0 1 0 1] (Caffe ceil rounding); pool5 = avg 7x7 stride 1 pad 0."""
@@ -172,6 +237,9 @@ def _conv_check(dag: DagNN, e: Entry) -> None:
     if stride != [float(e.stride)] * 2 or pad != [float(p) for p in e.pad]:
         raise dag.fail(f"layer {e.layer!r}: stride {[int(s) for s in stride]} pad {[int(p) for p in pad]}, expected "
                        f"stride {[e.stride] * 2} pad {list(e.pad)} [top bottom left right]")
+    if "dilate" in layer.block and dag.number(layer, "dilate", 2) != [1.0, 1.0]:
+        raise dag.fail(f"layer {e.layer!r}: dilate {[int(d) for d in dag.number(layer, 'dilate', 2)]}, the original "
+                       f"network's convolutions have dilate [1, 1]")
     if "hasBias" in layer.block and bool(np.asarray(layer.block["hasBias"]).ravel()[0]) != has_bias:
         raise dag.fail(f"layer {e.layer!r}: block.hasBias disagrees with its params {layer.params}")
 
@@ -222,10 +290,10 @@ def convert(dag: DagNN, entries: list[Entry], backbone_eps: float) -> dict[str, 
             for p, v, want in zip(e.params, values, ((c,), (c,), (c, 2))):
                 _shape_check(dag, p, v, want)
             file_eps = dag.number(layer, "epsilon", 1)[0]
-            eps = backbone_eps if e.group == "backbone" else NEW_BN_EPS
-            if e.group != "backbone" and not np.isclose(file_eps, NEW_BN_EPS):
-                dag.warnings.append(f"layer {e.layer!r}: epsilon {file_eps:g} (PyTorch module uses {NEW_BN_EPS:g}; "
-                                    f"running_var is set so that test-mode outputs are exact)")
+            eps = backbone_eps if e.group == "backbone" else spec.NEW_BN_EPS
+            if e.group != "backbone" and not np.isclose(file_eps, spec.NEW_BN_EPS):
+                dag.warnings.append(f"layer {e.layer!r}: epsilon {file_eps:g} (PyTorch module uses "
+                                    f"{spec.NEW_BN_EPS:g}; running_var is set so that test-mode outputs are exact)")
             mult, bias, moments = values
             sigma = moments.reshape(c, 2, order="F")[:, 1].astype(np.float64)
             var = sigma ** 2 - eps
@@ -255,7 +323,7 @@ def convert(dag: DagNN, entries: list[Entry], backbone_eps: float) -> dict[str, 
             out[f"{e.key}.weight"] = table
         if len(values) == 2:
             _shape_check(dag, e.params[1], values[1], (cout,))
-            bias_key = "text.embed_bias" if e.kind == "embed" else f"{e.key}.bias"
+            bias_key = spec.TEXT_EMBED_BIAS if e.kind == "embed" else f"{e.key}.bias"
             out[bias_key] = values[1].ravel(order="F")
     return out
 

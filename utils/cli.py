@@ -5,11 +5,14 @@ bench/*.py), in one place. See docs/cli.md.
   at once.
 - A mistake in the user's input (a bad path, option, config key, YAML file, checkpoint, prepared directory, ...) is
   ONE line on stderr, ``error: <what was given, naming the file or option, and what was expected>``, exit status 2,
-  no traceback. argparse's usage errors follow it too (``ArgumentParser``).
-- Anything else is a bug in this code: it keeps its traceback (exit status 1).
+  no traceback. argparse's usage errors follow it too (``ArgumentParser``). Only ``UserError`` (raised by our code
+  where it checks the user's input) and ``OSError`` (a file the OS cannot open, read or write: the message names
+  the path) count as such.
+- Anything else is a bug in this code: it keeps its traceback (exit status 1). A ``ValueError`` raised inside numpy,
+  torch or our own arithmetic is one; a value the user gave that our code refuses is ``InvalidValue``.
 - Ctrl-C: one line on stderr, exit status 130.
 
-This module lives in ``prepare/`` because that is the lowest layer (``prepare`` must not import ``engine``); it
+This module is in ``utils/``, the leaf package every layer may import (the models raise ``InvalidValue`` too); it
 imports nothing but the standard library.
 """
 from __future__ import annotations
@@ -28,9 +31,14 @@ class UserError(Exception):
     The message names the file (and line, key or option) and what was expected."""
 
 
-# What ``run_guarded`` turns into one ``error:`` line: our own UserErrors, the OS's (missing file, permissions,
-# full disk: the message names the path) and ValueError (bad values: config keys, paper rows, mismatched shapes).
-USER_ERRORS: tuple[type[BaseException], ...] = (UserError, OSError, ValueError)
+class InvalidValue(UserError, ValueError):
+    """A value the user gave (a flag, a config key, a file's content) that our code refuses; also a ValueError, for
+    the callers that validate values (ConfigError, CheckpointMismatch, the models' checks of their settings)."""
+
+
+# What ``run_guarded`` turns into one ``error:`` line: our own UserErrors and the OS's (missing file, permissions,
+# full disk: the message names the path). Not ValueError: one raised inside numpy or torch is a bug (a traceback).
+USER_ERRORS: tuple[type[BaseException], ...] = (UserError, OSError)
 
 
 def one_line(message: object) -> str:

@@ -1,90 +1,48 @@
-"""Convert the original MatConvNet networks to PyTorch (issue 11; docs/matconvnet.md).
-
-    # the Stage I starting point of the original code (Caffe ResNet-50 via MatConvNet) -> a caffe-style backbone
-    python -m prepare.matconvnet backbone imagenet-resnet-50-dag.mat --out data/imagenet-resnet-50-caffe.pth
-    # a released trained network + the authors' dictionary -> a checkpoint evaluate.py / engine.search /
-    # train_stage2.py --init accept like one of ours
-    python -m prepare.matconvnet model net-epoch-60.mat --dictionary flickr30k_dictionary.mat \\
-        --data data/flickr30k_authors --out runs/authors/flickr30k.pt
-    # what a file holds and what it would convert to (writes nothing)
-    python -m prepare.matconvnet inspect net-epoch-60.mat
-
-``backbone`` writes ``FILE.pth`` (a plain state dict with torchvision key names, conv1 with a bias) and the sidecar
-``FILE.pth.json`` (format "dualpath-backbone", style "caffe", arch, bn_eps, backbone_width, pixel_mean, source, md5):
-train with ``--pretrained FILE.pth`` and the caffe style is chosen from the sidecar. ``model`` writes a checkpoint
-with the full DualPath state dict, its config (backbone_style caffe), stage, epoch and provenance.
-
-Every size is read from the file (widths, vocabulary, classes, L_max); names, shapes, strides, pads and pools are
-checked against the original network, and anything else is refused with an error naming the file, the layer or
-parameter and what was expected. Only the ``net`` variable (or layers/params/meta) is read, never ``state``.
+"""The conversion itself: a MatConvNet DagNN file -> a caffe-style backbone state dict + sidecar, or a DualPath
+checkpoint, after every check of ``matconvnet.dagnn`` against ``matconvnet.layout`` (the command line is
+``matconvnet/__main__.py``, which imports this module only after parsing its arguments).
 """
 from __future__ import annotations
 
-import argparse
 import datetime
 import re
-import sys
+import warnings
+from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from prepare.cli import ArgumentParser, run_guarded
+import numpy as np
+import torch
 
-CONVERTER = "prepare.matconvnet"
+from matconvnet import dagnn as mn
+from matconvnet import layout
+from models import spec
+from prepare import matfile
+from prepare.core import check_file, dictionary_sha256, file_digest, load_json
+from prepare.dictionary import GivenDictionary, read_given_dictionary
+from utils.files import atomic_write, write_json
+
+CONVERTER = "matconvnet"
 CONVERTER_VERSION = 1
-DATASETS = ("flickr30k", "coco", "cuhk_pedes", "flickr8k")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = ArgumentParser(prog="python -m prepare.matconvnet", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = p.add_subparsers(dest="command", required=True, metavar="{backbone,model,inspect}")
-    b = sub.add_parser("backbone", help="imagenet-resnet-{50,152}-dag.mat -> caffe-style backbone state dict + JSON")
-    b.add_argument("file", type=Path, metavar="FILE.mat")
-    b.add_argument("--out", type=Path, required=True, metavar="FILE.pth",
-                   help="state dict to write; the sidecar FILE.pth.json is written next to it")
-    b.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    m = sub.add_parser("model", help="a released net-epoch-N.mat + the authors' dictionary -> a DualPath checkpoint")
-    m.add_argument("file", type=Path, metavar="NET.mat")
-    m.add_argument("--dictionary", type=Path, required=True, metavar="DICT",
-                   help="the dictionary the network was trained with: the authors' flickr30k_dictionary.mat / "
-                        "COCO_dictionary.mat / CUHK-PEDES_dictionary.mat, or a word list (one word per line)")
-    m.add_argument("--data", type=Path, default=None, metavar="PREPARED",
-                   help="a directory prepared with --dictionary DICT: checked against the network (vocabulary, "
-                        "dictionary hash, max_len, classes) and gives the dataset name")
-    m.add_argument("--dataset", choices=DATASETS, default=None,
-                   help="dataset name recorded in the checkpoint (default: from --data, else inferred: L_max 56 -> "
-                        "cuhk_pedes, no classifier bias -> coco, else flickr30k)")
-    m.add_argument("--out", type=Path, required=True, metavar="CKPT.pt")
-    m.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint")
-    i = sub.add_parser("inspect", help="what a .mat file holds and whether it converts (writes nothing)")
-    i.add_argument("file", type=Path, metavar="FILE.mat")
-    return p
 
 
 # ------------------------------------------------------------------------------------------------ helpers
 def load_dagnn(path: Path):
     """Read only what the converter needs: ``net`` (a trained checkpoint) or layers/params/meta (ImageNet file)."""
-    from prepare import matconvnet_io as mio
-    from prepare.core import check_file
-    from prepare.matconvnet_net import ConvertError, parse_dagnn
-
     check_file(path, "MatConvNet file")
-    names = mio.variables(path)
+    names = matfile.variables(path)
     if "net" in names:
-        struct = mio.one(mio.load(path, ["net"])["net"], f"{path}: net")
+        struct = matfile.one(matfile.load(path, ["net"])["net"], f"{path}: net")
     elif "layers" in names:
-        struct = mio.load(path, [n for n in ("layers", "params", "meta") if n in names])
+        struct = matfile.load(path, [n for n in ("layers", "params", "meta") if n in names])
     else:
-        raise ConvertError(f"{path}: not a MatConvNet network (variables {names}; expected 'net' as in "
-                           f"net-epoch-N.mat, or 'layers'/'params'/'meta' as in imagenet-resnet-50-dag.mat)")
-    return parse_dagnn(path, struct)
+        raise mn.ConvertError(f"{path}: not a MatConvNet network (variables {names}; expected 'net' as in "
+                              f"net-epoch-N.mat, or 'layers'/'params'/'meta' as in imagenet-resnet-50-dag.mat)")
+    return mn.parse_dagnn(path, struct)
 
 
 def _to_torch(arrays: dict[str, Any]) -> dict[str, Any]:
-    import warnings
-
-    import numpy as np
-    import torch
     out = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # read-only arrays from the reader: copied by load_state_dict
@@ -96,19 +54,15 @@ def _to_torch(arrays: dict[str, Any]) -> dict[str, Any]:
 
 
 def backbone_key(key: str) -> str:
-    """torchvision ResNet key -> the DualPath key (image.backbone = Sequential(conv1, bn1, relu, maxpool, layer1..4))."""
-    head, rest = key.split(".", 1)
-    index = {"conv1": 0, "bn1": 1}.get(head)
-    if index is None:
-        index = int(head[len("layer"):]) + 3
-    return f"image.backbone.{index}.{rest}"
+    """torchvision ResNet key -> the DualPath key (image.backbone = Sequential of ``models.spec.BACKBONE_SEQUENCE``)."""
+    head, dot, rest = key.partition(".")
+    return f"image.backbone.{spec.BACKBONE_SEQUENCE.index(head)}{dot}{rest}"
 
 
 def _refuse_existing(paths: Sequence[Path], overwrite: bool) -> None:
-    from prepare.core import PrepareError
     for p in paths:
         if p.exists() and not overwrite:
-            raise PrepareError(f"--out {p}: exists; pass --overwrite to replace it")
+            raise mn.ConvertError(f"--out {p}: exists; pass --overwrite to replace it")
 
 
 def _now() -> str:
@@ -118,15 +72,14 @@ def _now() -> str:
 # ------------------------------------------------------------------------------------------------ commands
 def backbone_state(dag: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """Check and convert an ImageNet ResNet DagNN: (torchvision-key state dict of tensors, sidecar fields)."""
-    from prepare import matconvnet_net as mn
-    from prepare import matconvnet_spec as ms
-
-    entries, info = ms.resnet_spec(dag)
+    entries, nodes, info = layout.resnet_spec(dag)
     if "fc1000_filter" in dag.params:  # the ImageNet classifier: kept as fc.* (the image CNN ignores it)
         f = dag.params["fc1000_filter"]
         names = ("fc1000_filter", "fc1000_bias") if "fc1000_bias" in dag.params else ("fc1000_filter",)
         entries.append(mn.Entry("linear", "fc1000", names, "fc", (1, 1, info["backbone_channels"], int(f.shape[-1]))))
+        nodes.append(mn.Node("fc1000", "dagnn.Conv", ("pool5",)))
     mn.check_inventory(dag, entries)
+    mn.check_wiring(dag, nodes)
     mn.check_resnet_geometry(dag)
     eps = mn.bn_eps(dag, entries)
     mean = mn.average_rgb(dag)
@@ -141,36 +94,13 @@ def backbone_state(dag: Any) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def convert_backbone(path: Path, out: Path, overwrite: bool = False) -> dict[str, Any]:
     """imagenet-resnet-*-dag.mat -> OUT (state dict) + OUT.json (sidecar). Returns the sidecar."""
-    import json
-    import os
-    import tempfile
-
-    import torch
-
     sidecar_path = Path(str(out) + ".json")
     _refuse_existing([out, sidecar_path], overwrite)
     state, sidecar = backbone_state(load_dagnn(path))
-    from prepare.core import file_digest
     sidecar.update(source=str(path.resolve()), md5=file_digest(path, "md5"))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmps = []
-    try:  # both files complete before either is renamed; the sidecar first (a .json alone is harmless)
-        for suffix in (".pth", ".json"):
-            fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=suffix + ".tmp", dir=out.parent)
-            tmps.append(Path(tmp))
-            with os.fdopen(fd, "wb") as f:
-                if suffix == ".pth":
-                    torch.save(state, f)
-                else:
-                    f.write((json.dumps(sidecar, indent=1) + "\n").encode())
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmps[1], sidecar_path)
-        os.replace(tmps[0], out)
-    except BaseException:
-        for t in tmps:
-            t.unlink(missing_ok=True)
-        raise
+    with atomic_write(out) as f:  # the state dict written, the sidecar written and renamed, the state dict renamed
+        torch.save(state, f)
+        write_json(sidecar, sidecar_path)  # (were the last step to fail, a sidecar alone describes no file: harmless)
     return sidecar
 
 
@@ -181,19 +111,14 @@ def _infer_dataset(max_len: int, classifier_bias: bool) -> str:
 def model_checkpoint(dag: Any, given: Any, manifest: dict[str, Any] | None = None, dataset: str | None = None,
                      where: str = "--data") -> dict[str, Any]:
     """Check and convert a trained DualPath DagNN: the full checkpoint dict (``model`` = tensors)."""
-    import torch
-
-    from prepare import matconvnet_net as mn
-    from prepare import matconvnet_spec as ms
-    from prepare.core import dictionary_sha256
-
-    backbone, info = ms.resnet_spec(dag)
-    head, head_info = ms.head_spec(dag, info["backbone_channels"])
+    backbone, nodes, info = layout.resnet_spec(dag)
+    head, head_nodes, head_info = layout.head_spec(dag, info["backbone_channels"])
     dim = head_info["feature_dim"]
-    text, text_info = ms.text_spec(dag, dim)
-    classifier, cls_info = ms.classifier_spec(dag, dim)
-    entries = backbone + head + text + classifier
+    text, text_nodes, text_info = layout.text_spec(dag, dim)
+    classifier, cls_nodes, cls_info = layout.classifier_spec(dag, dim)
+    entries = [replace(e, key=backbone_key(e.key)) for e in backbone] + head + text + classifier
     mn.check_inventory(dag, entries)
+    mn.check_wiring(dag, nodes + head_nodes + text_nodes + cls_nodes)
     mn.check_resnet_geometry(dag)
     vocab, max_len = text_info["vocab_size"], text_info["max_len"]
     sha = dictionary_sha256(given.words)
@@ -218,14 +143,11 @@ def model_checkpoint(dag: Any, given: Any, manifest: dict[str, Any] | None = Non
         dag.warnings.append(f"dropout rates differ {dropouts}; the config records {dropouts[0]}")
     stage = 2 if any(layer.type in ("dagnn.RankLoss", "dagnn.LRN") for layer in dag.layers.values()) else 1
     match = re.search(r"net-epoch-(\d+)\.mat$", dag.path.name)
-    arrays = mn.convert(dag, entries, eps)
-    arrays = {(backbone_key(k) if not k.startswith(("image.", "text.", "classifier")) else k): v
-              for k, v in arrays.items()}
-    model = _to_torch(arrays)
+    model = _to_torch(mn.convert(dag, entries, eps))
     model["image.pixel_mean"] = torch.tensor(mean, dtype=torch.float32)
     model["image.pixel_std"] = torch.ones(3)
     config = {"dataset": dataset, "stage": stage, "arch": info["arch"], "pretrained": "none", "train_crop": 224,
-              "text_depth": "res50", "text_pool": text_info["text_pool"], "feature_dim": dim,
+              "text_depth": layout.TEXT_DEPTH, "text_pool": text_info["text_pool"], "feature_dim": dim,
               "text_width": text_info["text_width"], "dropout": dropouts[0] if dropouts else 0.75,
               "classifier_bias": cls_info["classifier_bias"], "backbone_style": "caffe", "backbone_bn_eps": eps,
               "backbone_width": info["backbone_width"]}
@@ -243,34 +165,22 @@ def model_checkpoint(dag: Any, given: Any, manifest: dict[str, Any] | None = Non
 def convert_model(path: Path, dictionary: Path, out: Path, data: Path | None = None, dataset: str | None = None,
                   overwrite: bool = False) -> dict[str, Any]:
     """A trained net-epoch-N.mat -> a DualPath checkpoint at ``out``. Returns the checkpoint without tensors."""
-    import json
-
-    from engine.checkpoint import save_atomic
-    from prepare.core import check_file, file_digest
-    from prepare.dictionary import read_given_dictionary
-
     _refuse_existing([out], overwrite)
     given = read_given_dictionary(dictionary)
-    manifest = None
-    if data is not None:
-        manifest = json.loads(check_file(data / "manifest.json", "--data manifest").read_text())
+    manifest = load_json(data / "manifest.json", "--data manifest") if data is not None else None
     ckpt = model_checkpoint(load_dagnn(path), given, manifest, dataset, where=f"--data {data}")
     md5 = file_digest(path, "md5")
     ckpt["pretrained_source"] = f"matconvnet {path.resolve()} (md5 {md5})"
     ckpt["provenance"].update(source=str(path.resolve()), md5=md5)
-    save_atomic(ckpt, out)
+    with atomic_write(out) as f:
+        torch.save(ckpt, f)
     return {k: v for k, v in ckpt.items() if k != "model"}
 
 
 def inspect(path: Path) -> list[str]:
     """Lines describing the file (MAT version, variables, layers, params, what it converts to); a file that does not
     convert raises the converter's error after these lines are printed."""
-    from collections import Counter
-
-    from prepare import matconvnet_io as mio
-    from prepare.dictionary import GivenDictionary
-
-    lines = [f"{path}: MAT {mio.mat_version(path)}, variables {mio.variables(path)}"]
+    lines = [f"{path}: MAT {matfile.mat_version(path)}, variables {matfile.variables(path)}"]
     print(lines[0], flush=True)
     dag = load_dagnn(path)
     types = Counter(layer.type.replace("dagnn.", "") for layer in dag.layers.values())
@@ -291,34 +201,3 @@ def inspect(path: Path) -> list[str]:
                      f"BN eps {side['bn_eps']:g}), pixel_mean {[round(v, 3) for v in side['pixel_mean']]}")
     lines += [f"  warning: {w}" for w in dag.warnings]
     return lines
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    return run_guarded(lambda: _run(args))
-
-
-def _run(args: argparse.Namespace) -> int:
-    if args.command == "inspect":
-        print("\n".join(inspect(args.file)[1:]))
-        return 0
-    if args.command == "backbone":
-        side = convert_backbone(args.file, args.out, args.overwrite)
-        print(f"{args.file} -> {args.out} ({side['arch']}, caffe style, bn_eps {side['bn_eps']:g}, "
-              f"width {side['backbone_width']:g}, pixel_mean {[round(v, 3) for v in side['pixel_mean']]}) "
-              f"+ {args.out}.json")
-        warnings = side["warnings"]
-    else:
-        meta = convert_model(args.file, args.dictionary, args.out, args.data, args.dataset, args.overwrite)
-        c, d = meta["config"], meta["data"]
-        print(f"{args.file} -> {args.out}: {c['arch']} caffe style, Stage {meta['stage']}, epoch {meta['epoch']}, "
-              f"{d['dataset']}: {d['num_classes']} classes, vocabulary {d['vocab_size']}, max_len {d['max_len']}, "
-              f"feature {c['feature_dim']}, dropout {c['dropout']}")
-        warnings = meta["provenance"]["warnings"]
-    for w in warnings:
-        print(f"warning: {w}", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
