@@ -4,9 +4,9 @@
     python evaluate.py --embeddings feats.npz [--coco-1k] --out results.json
     # a checkpoint on a prepared split, with the test-time augmentation of spec 8.1
     python evaluate.py --checkpoint runs/f30k/stage2/checkpoint_last.pt --data data/flickr30k --split test \\
-        --out results.json [--compare-paper flickr30k/resnet50/stage2] [--visualize 5]
-    # print several results files side by side
-    python evaluate.py --table runs/demo/stage1/results.json runs/demo/stage2/results.json
+        --out runs/f30k/stage2/results_test.json [--compare-paper flickr30k/resnet50/stage2] [--visualize 5]
+    # print several results files side by side (the demo's, as scripts/demo.sh writes them)
+    python evaluate.py --table runs/demo/stage1/results_test.json runs/demo/stage2/results_test.json
 
 Nothing is selected or tuned here: one checkpoint in, its numbers out. Model selection happens during training on
 the val split only (checkpoint_best.pt).
