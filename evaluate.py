@@ -4,9 +4,9 @@
     python evaluate.py --embeddings feats.npz [--coco-1k] --out results.json
     # a checkpoint on a prepared split, with the test-time augmentation of spec 8.1
     python evaluate.py --checkpoint runs/f30k/stage2/checkpoint_last.pt --data data/flickr30k --split test \\
-        --out results.json [--compare-paper flickr30k/resnet50/stage2] [--visualize 5]
-    # print several results files side by side
-    python evaluate.py --table runs/demo/stage1/results.json runs/demo/stage2/results.json
+        --out runs/f30k/stage2/results_test.json [--compare-paper flickr30k/resnet50/stage2] [--visualize 5]
+    # print several results files side by side (the demo's, as scripts/demo.sh writes them)
+    python evaluate.py --table runs/demo/stage1/results_test.json runs/demo/stage2/results_test.json
 
 Nothing is selected or tuned here: one checkpoint in, its numbers out. Model selection happens during training on
 the val split only (checkpoint_best.pt).
@@ -165,7 +165,10 @@ def from_checkpoint(args: argparse.Namespace) -> tuple[dict, dict]:
 
 
 def print_table(paths: list[str]) -> str:
-    rows = []
+    """Results files side by side, then the chance level of each split size they were measured on (a split of N
+    images with c captions each; not for fold-averaged results)."""
+    rows: list[str] = []
+    sizes: dict[tuple[int, int], None] = {}
     for p in paths:
         try:
             r = json.loads(Path(p).read_text(encoding="utf-8"))
@@ -174,11 +177,21 @@ def print_table(paths: list[str]) -> str:
         if not isinstance(r, dict):
             raise UserError(f"--table {p}: expected a results JSON written by evaluate.py --out (a mapping)")
         label = f"{r.get('dataset', '?')} stage {r.get('stage', '?')} ({r.get('protocol', r.get('split', '?'))})"
-        cells = [f"{r[d][k]:.1f}" if d in r and k in r[d] else "–" for d in ("i2t", "t2i") for k in RESULT_KEYS]
-        rows.append(f"| {label} | " + " | ".join(cells) + f" | {r.get('rsum', float('nan')):.1f} |")
+        rows.append(table_row(label, r))
+        n, m = r.get("num_images"), r.get("num_texts")
+        if isinstance(n, int) and isinstance(m, int) and n > 0 and m % n == 0 and "folds" not in r:
+            sizes.setdefault((n, m // n), None)
+    from engine.chance import chance_level  # torch-free
+    for n, c in sizes:  # what a model that ranks at random scores on each split size
+        rows.append(table_row(f"chance ({n} images, {c} captions each)", chance_level(n, c)))
     head = "| run | " + " | ".join(f"{d} {k}" for d in ("i2t", "t2i") for k in RESULT_KEYS) + " | rsum |"
     sep = "|" + "---|" * (2 + 2 * len(RESULT_KEYS))
     return "\n".join([head, sep, *rows])
+
+
+def table_row(label: str, r: dict) -> str:
+    cells = [f"{r[d][k]:.1f}" if d in r and k in r[d] else "–" for d in ("i2t", "t2i") for k in RESULT_KEYS]
+    return f"| {label} | " + " | ".join(cells) + f" | {r.get('rsum', float('nan')):.1f} |"
 
 
 def main(argv: list[str] | None = None) -> int:

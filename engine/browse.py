@@ -109,9 +109,9 @@ def make_server(index, host: str = "127.0.0.1", port: int = 0):
     port, useful with port 0)."""
     from werkzeug.serving import make_server as _make
 
-    from .browse_app import create_app
+    from .browse_app import JSONErrorRequestHandler, create_app
 
-    return _make(host, port, create_app(index), threaded=True)
+    return _make(host, port, create_app(index), threaded=True, request_handler=JSONErrorRequestHandler)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

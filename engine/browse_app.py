@@ -22,9 +22,10 @@ from pathlib import Path
 
 from flask import Flask, Response, jsonify, request, send_file
 from werkzeug.exceptions import HTTPException
+from werkzeug.serving import WSGIRequestHandler
 
 from .browse_index import BrowseError, BrowseIndex
-from .browse_limits import MAX_PER_PAGE
+from .browse_limits import MAX_K, MAX_PER_PAGE, MAX_QUERY_CHARS
 
 STATIC = Path(__file__).resolve().parent / "browse_static"
 log = logging.getLogger("engine.browse")
@@ -97,15 +98,15 @@ def create_app(index: BrowseIndex) -> Flask:
 
     @app.get("/api/search")
     def search() -> Response:
-        return jsonify(index.search(request.args.get("q", ""), _int_arg("k", None, 1, 10**6)))
+        return jsonify(index.search(request.args.get("q", ""), _int_arg("k", None, 1, MAX_K)))
 
     @app.get("/api/caption/<int:cid>")
     def caption(cid: int) -> Response:
-        return jsonify(index.caption(cid, _int_arg("k", None, 1, 10**6)))
+        return jsonify(index.caption(cid, _int_arg("k", None, 1, MAX_K)))
 
     @app.get("/api/image/<int:iid>")
     def image(iid: int) -> Response:
-        return jsonify(index.image(iid, _int_arg("k", None, 1, 10**6)))
+        return jsonify(index.image(iid, _int_arg("k", None, 1, MAX_K)))
 
     @app.get("/api/eval")
     def evaluation() -> Response:
@@ -124,3 +125,29 @@ def create_app(index: BrowseIndex) -> Flask:
         return send_file(index.image_file(iid), max_age=3600)
 
     return app
+
+
+class JSONErrorRequestHandler(WSGIRequestHandler):
+    """werkzeug's request handler, but the errors the HTTP server answers itself, before the app sees the request
+    (a request line over 64 KiB: 414; malformed requests: 400; ...), come back as the app's JSON error too, with
+    the same security headers, instead of http.server's HTML page."""
+
+    def send_error(self, code: int, message: str | None = None, explain: str | None = None) -> None:
+        import json
+
+        if code == 414:
+            message = (f"the request line is over 64 KiB: a query is at most {MAX_QUERY_CHARS} characters (and k "
+                       f"at most {MAX_K})")
+        elif message is None:
+            message = self.responses.get(code, ("error",))[0]
+        self.log_error("code %d, message %s", code, message)
+        body = json.dumps({"error": message, "status": code}).encode()
+        self.send_response(code)
+        self.send_header("Connection", "close")
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("Content-Security-Policy", _CSP)
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.end_headers()
+        if self.command != "HEAD":
+            self.wfile.write(body)

@@ -82,6 +82,9 @@ class BrowseIndex:
     _thumbs: "OrderedDict[int, bytes]" = field(default_factory=OrderedDict, repr=False)
 
     def __post_init__(self) -> None:
+        # absolute: a --data or --images given relative to the working directory must still be served (Flask's
+        # send_file would resolve a relative path against the package, not the working directory)
+        self.image_paths = [Path(p).absolute() for p in self.image_paths]
         raw = self.data.captions["raw"].to_numpy()
         self.caption_texts = [str(raw[r]) for r in self.caption_rows]
         self._by_text: dict[str, list[int]] = {}
@@ -122,8 +125,11 @@ class BrowseIndex:
                            f"0..{len(self.caption_rows) - 1})")
         return cid
 
-    def _image_item(self, i: int, scores: torch.Tensor, correct: set[int]) -> dict[str, Any]:
-        return {"id": int(i), "name": self.image_names[i], "score": float(scores[i]), "correct": int(i) in correct}
+    def _image_item(self, i: int, scores: torch.Tensor, correct: set[int] | None) -> dict[str, Any]:
+        """``correct``: the ground-truth images of the view, None when it has none (then nothing is right or wrong:
+        ``"correct": null``)."""
+        return {"id": int(i), "name": self.image_names[i], "score": float(scores[i]),
+                "correct": None if correct is None else int(i) in correct}
 
     def _images_of_label(self, label) -> set[int]:
         return set() if not self.has_truth else set(np.flatnonzero(self.image_labels == label).tolist())
@@ -154,22 +160,24 @@ class BrowseIndex:
             raise BrowseError(str(e)) from None
         scores = self.image_feats @ unit_rows(feat[None])[0]  # (N,)
         same = self._by_text.get(text.strip(), []) if self.has_truth else []
-        correct = set().union(*(self._images_of_label(self.caption_labels[c]) for c in same)) if same else set()
+        correct = set().union(*(self._images_of_label(self.caption_labels[c]) for c in same)) if same else None
         out = {"query": text, **self._words(text), "results": [self._image_item(i, scores, correct)
                                                                for i in top_indices(scores, k)],
                "same_captions": same,
-               "truth": [{"id": i, "name": self.image_names[i], "rank": _rank(scores, i)} for i in sorted(correct)]}
+               "truth": [{"id": i, "name": self.image_names[i], "rank": _rank(scores, i)}
+                         for i in sorted(correct or ())]}
         return out
 
     def caption(self, cid: int, k: int | None = None) -> dict[str, Any]:
         """A caption of the split -> the top-K images, by its stored test-time feature (as evaluated)."""
         k, cid = self._k(k), self._caption_id(cid)
         scores = self.image_feats @ self.caption_feats[cid]  # (N,)
-        correct = self._images_of_label(self.caption_labels[cid]) if self.has_truth else set()
+        correct = self._images_of_label(self.caption_labels[cid]) if self.has_truth else None
         text = self.caption_texts[cid]
         return {"caption": cid, "query": text, **self._words(text),
                 "results": [self._image_item(i, scores, correct) for i in top_indices(scores, k)],
-                "truth": [{"id": i, "name": self.image_names[i], "rank": _rank(scores, i)} for i in sorted(correct)]}
+                "truth": [{"id": i, "name": self.image_names[i], "rank": _rank(scores, i)}
+                          for i in sorted(correct or ())]}
 
     def image(self, iid: int, k: int | None = None) -> dict[str, Any]:
         """An image -> the top-K captions of the split, and (split mode) its ground-truth captions with their ranks."""
@@ -181,7 +189,7 @@ class BrowseIndex:
         def item(c: int) -> dict[str, Any]:
             owner = int(self.caption_image[c]) if self.caption_image is not None else None
             return {"id": int(c), "text": self.caption_texts[c], "score": float(scores[c]),
-                    "correct": int(c) in truth_set, "image": owner}
+                    "correct": int(c) in truth_set if self.has_truth else None, "image": owner}
         gt = sorted(({**item(c), "rank": _rank(scores, c)} for c in truth), key=lambda g: (g["rank"], g["id"]))
         return {"image": iid, "name": self.image_names[iid], "results": [item(c) for c in top_indices(scores, k)],
                 "truth": gt}

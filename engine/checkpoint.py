@@ -54,3 +54,27 @@ def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - re-raised with the file name
         raise CheckpointError(f"{path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
+
+
+def load_training(path: str | Path, map_location: str | torch.device = "cpu", *, option: str = "--checkpoint",
+                  mmap: bool = False) -> dict[str, Any]:
+    """``load`` for a checkpoint written by train_stage1.py / train_stage2.py (it has ``model`` and ``config``).
+    Anything else, e.g. a backbone state dict such as the demo's ``backbone_resnet18.pth``, is a CheckpointError
+    naming ``option`` and the file. ``mmap``: map the file instead of reading it (a cheap check before training)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{option} {path}: checkpoint not found (expected a checkpoint_*.pt written by "
+                              f"train_stage1.py / train_stage2.py)")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except Exception as e:  # noqa: BLE001 - re-raised with the file name
+        raise CheckpointError(f"{option} {path}: not a readable checkpoint ({type(e).__name__}: {e})") from e
+    missing = [k for k in ("model", "config") if not isinstance(state, dict) or k not in state]
+    if missing:
+        plain = isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
+        raise CheckpointError(
+            f"{option} {path}: not a DualPath training checkpoint (missing {missing}"
+            + ("; it is a plain state dict, e.g. a backbone: pass such a file to train_stage1.py --pretrained"
+               if plain else "") + "); expected a checkpoint_*.pt written by train_stage1.py / train_stage2.py, "
+            "e.g. RUN_DIR/stage1/checkpoint_last.pt")
+    return state

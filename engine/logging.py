@@ -9,23 +9,30 @@ from tqdm import tqdm
 
 
 class RunLogger:
-    """Writes scalars and images to ``RUN_DIR/tb`` and prints epoch summaries. A no-op on ranks other than 0."""
+    """Writes scalars and images to ``RUN_DIR/tb`` and prints epoch summaries. A no-op on ranks other than 0.
+
+    The TensorBoard writer (and so ``RUN_DIR/tb/events.*``) is created at the first scalar or image, not here: a run
+    refused while it is being set up (bad --data, --init, --pretrained) leaves no run directory behind."""
 
     def __init__(self, run_dir: str | Path, enabled: bool = True) -> None:
         self.enabled = enabled
+        self.tb_dir = Path(run_dir) / "tb"
         self.writer = None
-        if enabled:
+
+    def _writer(self):
+        if self.writer is None and self.enabled:
             from torch.utils.tensorboard import SummaryWriter
-            self.writer = SummaryWriter(str(Path(run_dir) / "tb"))
+            self.writer = SummaryWriter(str(self.tb_dir))
+        return self.writer
 
     def scalars(self, values: dict[str, float], step: int) -> None:
-        if self.writer is not None:
+        if self._writer() is not None:
             for key, value in values.items():
                 self.writer.add_scalar(key, float(value), step)
 
     def image(self, tag: str, rgb: np.ndarray, step: int) -> None:
         """rgb: (H, W, 3) uint8."""
-        if self.writer is not None:
+        if self._writer() is not None:
             self.writer.add_image(tag, rgb, step, dataformats="HWC")
 
     def print(self, msg: str) -> None:

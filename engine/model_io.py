@@ -22,7 +22,8 @@ CHECKED_KEYS = ("vocab_size", "max_len", "num_classes")
 
 
 class CheckpointMismatch(InvalidValue):
-    """The checkpoint does not fit the prepared data (or is not a DualPath training checkpoint)."""
+    """The checkpoint does not fit the prepared data (a file that is no training checkpoint at all is
+    ``engine.checkpoint.CheckpointError``)."""
 
 
 def load_model(checkpoint_path: str | Path, data: Prepared | str | Path,
@@ -32,11 +33,7 @@ def load_model(checkpoint_path: str | Path, data: Prepared | str | Path,
 
     path = Path(checkpoint_path)
     data = data if isinstance(data, Prepared) else Prepared(data)
-    state = ckpt_io.load(path, map_location="cpu")
-    missing = [k for k in ("model", "config") if k not in state]
-    if missing:
-        raise CheckpointMismatch(f"{path}: not a DualPath training checkpoint (missing {missing}; "
-                                 f"expected a checkpoint_*.pt written by train_stage1.py / train_stage2.py)")
+    state = ckpt_io.load_training(path, map_location="cpu")
     trained_on = state.get("data") or {}
     diff = {k: (trained_on[k], data.manifest.get(k)) for k in CHECKED_KEYS
             if trained_on.get(k) is not None and trained_on[k] != data.manifest.get(k)}

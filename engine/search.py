@@ -142,11 +142,15 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     from .data import Prepared
     from .model_io import load_model
     from .search_index import (checkpoint_key, default_caption_cache, default_image_cache, encode_captions,
-                               encode_folder, list_images, rank_captions, search_text, tokenize_query, vocabulary)
+                               encode_folder, list_images, load_image, rank_captions, search_text, tokenize_query,
+                               vocabulary)
 
     paths = list_images(args.images) if args.images is not None else []
     data = Prepared(args.data)
     queries = [tokenize_query(data, q) for q in args.query]  # fail fast, before loading anything big
+    resize = data.manifest["image_resize"]
+    for img in args.image:  # a file that is no image is refused here, not after the captions are encoded
+        load_image(img, int(resize["size"]), resize["mode"])
     device = _resolve_device(args.device)
     model, _ = load_model(args.checkpoint, data, device)  # CheckpointError / CheckpointMismatch name the file
     ckey = checkpoint_key(args.checkpoint)
@@ -154,7 +158,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     result: dict[str, Any] = {"checkpoint": str(args.checkpoint), "data": str(args.data), "top_k": args.top_k,
                               "text_queries": [], "image_queries": []}
     if queries:
-        resize = data.manifest["image_resize"]
         cache = None if args.no_cache else (args.cache or default_image_cache(args.images, args.checkpoint))
         paths, feats = encode_folder(model, args.images, int(resize["size"]), resize["mode"], device, cache,
                                      cache_key=ckey, precision=args.precision, batch_size=args.batch_size)

@@ -365,12 +365,13 @@ def rank_captions(model, data: Prepared, image: str | Path, k: int = 5, split: s
     if not path.is_file():
         raise SearchError(f"--image {path}: no such file (expected a .jpg/.jpeg/.png image)")
     resize = data.manifest["image_resize"]
+    query = load_image(path, int(resize["size"]), resize["mode"])  # a bad file is refused before any encoding
     rows, tfeats = captions if captions is not None else encode_captions(
         model, data, split, device, cache, cache_key=cache_key, precision=precision)
     was_training = model.training
     model.eval()
     try:
-        q = encode_images(model, [load_image(path, int(resize["size"]), resize["mode"])], device, precision)[0]
+        q = encode_images(model, [query], device, precision)[0]
     finally:
         model.train(was_training)
     idx, scores = top_k(q, tfeats, k)

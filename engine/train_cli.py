@@ -20,7 +20,8 @@ def parse(stage: int, argv: list[str] | None) -> tuple[argparse.Namespace, dict]
         prog=f"train_stage{stage}.py", description=STAGE_TEXT[stage],
         epilog="Any config key can be overridden as --key value (e.g. --lr_schedule '[[2, 1.0]]' --workers 4); "
                "unknown keys are rejected with the list of valid ones.")
-    p.add_argument("--config", required=True, help="recipe YAML under configs/ (e.g. configs/flickr30k_stage1.yaml)")
+    p.add_argument("--config", required=True,
+                   help=f"recipe YAML under configs/ (e.g. configs/flickr30k_stage{stage}.yaml)")
     p.add_argument("--data", required=True, help="prepared directory written by python -m prepare.<dataset>")
     p.add_argument("--out", required=True, help="run directory: checkpoints, config.yaml, tb/ (TensorBoard)")
     if stage == 2:
@@ -43,7 +44,10 @@ def main(stage: int, argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, overrides, stage=stage)  # a bad recipe fails before the trainer loads
         import models  # noqa: F401  (heavy imports after parsing; models/ installs the torchvision guard first)
 
+        from .checkpoint import load_training
         from .loop import Trainer
+        if stage == 2:  # a plain state dict (an easy mix-up with --pretrained) is refused before anything is built
+            load_training(args.init, option="--init", mmap=True)
         resume = None if args.resume == "none" else args.resume
         summary = Trainer(cfg, args.data, args.out, init=getattr(args, "init", None), resume=resume).fit()
         if summary.get("stopped"):

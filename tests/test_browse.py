@@ -187,9 +187,38 @@ def test_bad_requests_get_a_clear_4xx(client, url, status, words):
     assert d["status"] == status and words in d["error"]
 
 
+@pytest.mark.parametrize("k", ["0", "101", "1000000", "-5"])
+def test_k_outside_the_limit_names_the_limit(client, index, k):
+    """Issue 19: the message names the real limit (1 to 100), for a search, a caption and an image alike."""
+    for url in (f"/api/search?q=a+red+square&k={k}", f"/api/caption/0?k={k}", f"/api/image/0?k={k}"):
+        d = _json(client.get(url), 400)
+        assert d["error"] == f"k={k}: expected an integer from 1 to {MAX_K}", (url, d["error"])
+
+
 def test_over_long_query(client):
     d = _json(client.get("/api/search", query_string={"q": "red " * 200}), 400)
     assert f"the limit is {MAX_QUERY_CHARS}" in d["error"] and "800 characters" in d["error"]
+
+
+def test_huge_request_line_gets_the_json_error_too(index):
+    """Issue 19: a 100 KB query never reaches Flask (the HTTP server refuses request lines over 64 KiB); its answer
+    is the same JSON error as every other bad request, not werkzeug's HTML page."""
+    import threading
+    import urllib.error
+    import urllib.request
+
+    srv = browse.make_server(index, "127.0.0.1", 0)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(f"http://127.0.0.1:{srv.port}/api/search?q={'red+' * 25_000}", timeout=30)
+        assert e.value.code == 414 and e.value.headers.get_content_type() == "application/json"
+        d = json.loads(e.value.read())
+        assert d["status"] == 414 and f"{MAX_QUERY_CHARS} characters" in d["error"], d
+    finally:
+        srv.shutdown()
+        thread.join(timeout=10)
 
 
 @pytest.mark.parametrize("path", [
@@ -240,6 +269,37 @@ def test_split_features_cached_for_the_next_start(checkpoint, prepared, index, m
     cache.unlink()
 
 
+def test_typed_query_without_ground_truth_marks_nothing_wrong(client, index):
+    """Issue 19: only a view with ground truth says right or wrong; a typed sentence that is no caption of the
+    split has none, so its results are neither (correct: null), while a caption's wrong results are false."""
+    d = _json(client.get("/api/search?q=red+green+blue"))
+    assert d["truth"] == [] and d["results"] and all(r["correct"] is None for r in d["results"])
+    exact = index.caption_texts[0]
+    d = _json(client.get("/api/search", query_string={"q": exact}))
+    assert [r["correct"] for r in d["results"]].count(True) == 1 and False in [r["correct"] for r in d["results"]]
+    d = _json(client.get("/api/caption/0"))
+    assert {r["correct"] for r in d["results"]} == {True, False}
+
+
+def test_full_image_and_thumbnail_with_relative_paths(checkpoint, prepared, model, data, folder, monkeypatch):
+    """Issue 19: --data (as in the README's command) and --images given relative to the working directory serve
+    the files."""
+    monkeypatch.chdir(prepared.parent)
+    idx = browse.load_index(_args(checkpoint, Path(prepared.name), no_cache=True))
+    client = create_app(idx).test_client()
+    for i in range(3):
+        full = client.get(f"/image/{i}/full")
+        assert full.status_code == 200, full.get_data(as_text=True)
+        assert full.data == (prepared / "images" / idx.image_names[i]).read_bytes()
+        assert client.get(f"/image/{i}").status_code == 200
+    monkeypatch.chdir(folder.parent)
+    idx = from_folder(model, data, "test", Path(folder.name), torch.device("cpu"))
+    client = create_app(idx).test_client()
+    red = idx.image_names.index("red.jpg")
+    full = client.get(f"/image/{red}/full")
+    assert full.status_code == 200 and full.data == (folder / "red.jpg").read_bytes()
+
+
 # ------------------------------------------------------------------------------------------------ own images
 def test_folder_gallery(model, data, folder, tmp_path):
     idx = from_folder(model, data, "test", folder, torch.device("cpu"), top_k=2, image_cache=tmp_path / "c.npz",
@@ -250,10 +310,11 @@ def test_folder_gallery(model, data, folder, tmp_path):
     d = _json(client.get("/api/search?q=a+red+square"))
     names = {"blue.png", "red.jpg", "sub/deeper/cyan.jpg", "sub/green.JPEG", "yellow.jpg"}
     assert len(d["results"]) == 2 and {r["name"] for r in d["results"]} <= names
-    assert not any(r["correct"] for r in d["results"]) and d["truth"] == []
+    assert all(r["correct"] is None for r in d["results"]) and d["truth"] == []  # no ground truth: not "wrong"
     red = idx.image_names.index("red.jpg")
     d = _json(client.get(f"/api/image/{red}"))
     assert len(d["results"]) == 2 and d["truth"] == [] and all(c["image"] is None for c in d["results"])
+    assert all(c["correct"] is None for c in d["results"])
     assert _json(client.get(f"/api/caption/0"))["truth"] == []
     assert "no evaluation view" in _json(client.get("/api/eval"), 404)["error"]
     resp = client.get(f"/image/{red}/full")

@@ -98,6 +98,31 @@ def _green_pixels(png: bytes) -> int:
     return int(((arr[..., 1] > 140) & (arr[..., 0] < 40) & (arr[..., 2] < 40)).sum())
 
 
+def _red_pixels(png: bytes) -> int:
+    """Pixels of the "wrong" frame colour (#d73c3c)."""
+    arr = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+    return int(((abs(arr[..., 0] - 215) < 12) & (abs(arr[..., 1] - 60) < 12) & (abs(arr[..., 2] - 60) < 12)).sum())
+
+
+def _outline_colours(drv) -> list[str]:
+    return drv.execute_script(
+        "return [...document.querySelectorAll('#results .tile img')].map(i => getComputedStyle(i).outlineColor)")
+
+
+RED_CSS = "rgb(215, 60, 60)"
+
+
+def _no_verdicts(drv) -> None:
+    """A view without ground truth: every tile is neither right nor wrong, on the page and in the exported PNG."""
+    from selenium.webdriver.common.by import By
+
+    tiles = drv.find_elements(By.CSS_SELECTOR, "#results .tile")
+    assert tiles and all(t.get_attribute("data-correct") == "none" for t in tiles)
+    assert RED_CSS not in _outline_colours(drv) and "✓" not in drv.find_element(By.ID, "results").text
+    png = base64.b64decode(drv.execute_script("return window.dualpathBrowse.figureDataURL()").split(",", 1)[1])
+    assert _red_pixels(png) == 0 and _green_pixels(png) == 0
+
+
 def test_query_image_view_permalinks_and_export(server, driver, data, tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -115,6 +140,7 @@ def test_query_image_view_permalinks_and_export(server, driver, data, tmp_path):
     assert loaded == [80, 80, 80]  # the test images are 80x64
     correct = [t.text for t in tiles if t.get_attribute("data-correct") == "true"]
     assert len(correct) == 1 and "yellow.jpg" in correct[0] and "✓" in correct[0]
+    assert _outline_colours(driver).count(RED_CSS) == 2  # a caption has ground truth: the other two are wrong
     assert "yellow.jpg at rank" in driver.find_element(By.CLASS_NAME, "truth").text
     _shot(driver, tmp_path, "query")
 
@@ -147,6 +173,14 @@ def test_query_image_view_permalinks_and_export(server, driver, data, tmp_path):
     driver.get(f"{base}/?image={first}&k=2")  # a permalink opened in a fresh page load
     _wait(driver)
     assert len(driver.find_elements(By.CSS_SELECTOR, "#captions li")) == 2
+
+    driver.get(f"{base}/?q=a+yellow+circle")  # no caption of the split: no ground truth
+    _wait(driver)
+    _no_verdicts(driver)
+    driver.get(f"{base}/?q=a+Yellow+circle")  # "Yellow" is not in the dictionary, "yellow" is
+    _wait(driver)
+    words = driver.find_element(By.CLASS_NAME, "words").text
+    assert "did you mean yellow?" in words, words  # the case hint is on the page, not only a hover tooltip
 
     resources = driver.execute_script("return performance.getEntriesByType('resource').map(e => e.name)")
     assert resources and all(r.startswith(base + "/") for r in resources)  # nothing from elsewhere
@@ -212,8 +246,8 @@ def test_own_image_folder(folder_server, driver, data):
     assert not driver.find_elements(By.CSS_SELECTOR, "#truth li")
     driver.find_element(By.ID, "query").send_keys("a big red circle", Keys.ENTER)
     _wait(driver, url_part="?q=")
-    tiles = driver.find_elements(By.CSS_SELECTOR, "#results .tile")
-    assert len(tiles) == 2 and all(t.get_attribute("data-correct") == "false" for t in tiles)
+    assert len(driver.find_elements(By.CSS_SELECTOR, "#results .tile")) == 2
+    _no_verdicts(driver)  # own images have no ground truth: no red "wrong" frames
     driver.get(base + "/?view=eval")
     _wait(driver, state="error")
     assert "no evaluation view" in driver.find_element(By.CSS_SELECTOR, "#view .error").text

@@ -12,6 +12,7 @@ one is checked without editing this file.
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -100,6 +101,33 @@ def test_help_imports_no_torch(ep):
     proc, heavy = run(*ep, "--help", importtime=True)
     assert proc.returncode == 0 and proc.stdout.startswith("usage:"), proc.stderr[-3000:]
     assert heavy == [], f"python {ep_id(ep)} --help imported {heavy}"
+    check_help_examples(ep, proc.stdout)
+
+
+def check_help_examples(ep: list[str], text: str) -> None:
+    """What a --help text names exists as it says: every configs/*.yaml is a file, and for train_stageN.py a recipe
+    of Stage N; every results file given to ``evaluate.py --table`` is one the staged scripts and the demo write
+    (scripts/_pipeline.sh names it)."""
+    from engine.config import load_config
+    for config in re.findall(r"configs/[\w.-]+\.yaml", text):
+        assert (ROOT / config).is_file(), f"{ep_id(ep)} --help names {config}, which does not exist"
+        stage = re.fullmatch(r"train_stage(\d)\.py", ep[0])
+        if stage:
+            load_config(ROOT / config, stage=int(stage.group(1)))  # a Stage I file in Stage II's help raises
+    pipeline = (ROOT / "scripts" / "_pipeline.sh").read_text()
+    for table in re.findall(r"--table((?:\s+\S+\.json)+)", text):
+        for name in table.split():
+            assert Path(name).name in pipeline, f"{ep_id(ep)} --help: {name} is not a file the pipeline writes"
+
+
+def test_cli_page_lists_every_entry_point():
+    """docs/cli.md's table names every entry point outside bench/ (bench/*.py share one row)."""
+    table = (ROOT / "docs" / "cli.md").read_text().split("## The rules")[0]
+    for ep in ENTRY_POINTS:
+        if ep[0].startswith("bench/"):
+            continue
+        name = ep[-1] if ep[0] != "-m" else ep[1].rsplit(".", 1)[1]
+        assert re.search(rf"`[^`]*\b{re.escape(name)}\b[^`]*`", table), f"docs/cli.md does not list {ep_id(ep)}"
 
 
 @pytest.mark.parametrize("ep", ENTRY_POINTS, ids=ep_id)
@@ -134,6 +162,30 @@ def test_train_data_and_checkpoint_errors(tmp_path, prepared):  # noqa: F811
     proc, _ = run("train_stage2.py", "--config", demo, "--data", str(prepared), "--out", str(tmp_path / "r2"),
                   "--init", str(garbage), "--batch_size", "2", "--num_candidates", "2", "--pretrained", "none")
     assert_user_error(proc, garbage)
+    assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()  # a refused run leaves no directory
+
+
+def test_train_mixed_up_weight_files_are_one_line_errors(tmp_path, prepared):  # noqa: F811
+    """Issue 19: --pretrained with a file that is not a state dict, and --init with a plain state dict (the demo's
+    backbone_resnet18.pth is an easy mix-up) are one error line each, and the refused run writes nothing."""
+    import torch
+    demo = str(ROOT / "configs" / "demo.yaml")
+    small = ["--batch_size", "2", "--num_candidates", "2", "--train_crop", "32"]
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(b"not a state dict")
+    tensor = tmp_path / "tensor.pth"
+    torch.save(torch.zeros(3), tensor)
+    for bad, words in ((garbage, ["--pretrained", "state dict"]), (tensor, ["--pretrained", "Tensor"])):
+        proc, _ = run("train_stage1.py", "--config", demo, "--data", str(prepared), "--out", str(tmp_path / "r1"),
+                      "--pretrained", str(bad), *small)
+        assert_user_error(proc, bad, *words)
+    backbone = tmp_path / "backbone_resnet18.pth"
+    torch.save({"conv1.weight": torch.zeros(64, 3, 7, 7), "fc.bias": torch.zeros(65)}, backbone)
+    proc, _ = run("train_stage2.py", "--config", demo, "--data", str(prepared), "--out", str(tmp_path / "r2"),
+                  "--init", str(backbone), "--pretrained", "none", *small)
+    line = assert_user_error(proc, backbone, "--init", "checkpoint_last.pt")
+    assert "--pretrained" in line  # says where such a file belongs
+    assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()
 
 
 # ------------------------------------------------------------------------------------------------ evaluate.py

@@ -108,6 +108,10 @@ def test_checkpoint_evaluation_visualize_compare_and_table(checkpoint, prepared,
     assert f"WARNING: our protocol is '{res['protocol']}'" in proc.stdout and "not comparable" in proc.stdout
     table = run("--table", str(out), str(out))
     assert table.returncode == 0 and table.stdout.count(f"{res['t2i']['R@1']:.1f}") >= 2
+    # then one chance row for the split size (3 images, 2 captions each): t2i R@1 = 1/3, i2t R@1 = 1 - 4/6
+    chance = [line for line in table.stdout.splitlines() if line.startswith("| chance")]
+    assert chance == ["| chance (3 images, 2 captions each) | 33.3 | 100.0 | 100.0 | 2.0 | – | 33.3 | 100.0 | "
+                      "100.0 | 2.0 | – | 466.7 |"], table.stdout
 
 
 def test_protocol_names_match_paper_rows():

@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from engine.chance import chance_level
 from engine.metrics import (_GreaterCounter, evaluate_coco_1k, evaluate_retrieval, rank_of_first_match,
                             recall_metrics, retrieval_ranks)
 
@@ -265,3 +266,37 @@ def test_single_direction_i2t_and_non_contiguous_features():
     res = evaluate_retrieval(images, texts_t, il, tl, normalize=False, directions=("i2t",))
     assert set(res) == {"i2t", "rsum", "rsum_directions"} and res["rsum_directions"] == ["i2t"]
     assert_same(res, brute_evaluate(images, texts, il, tl, normalize=False, directions=("i2t",)))
+
+
+@pytest.mark.parametrize("n, c", [(3, 2), (4, 1), (2, 3)])
+def test_chance_level_equals_every_random_ranking(n, c):
+    """chance_level against brute force: every ordering of the gallery, ranked by rank_of_first_match (the
+    evaluator's own rank), gives the exact expected R@K and the rank distribution whose half-way point is medr."""
+    import itertools
+    ks = (1, 2, 5)
+    got = chance_level(n, c, ks)
+    m = n * c
+    text_labels = torch.arange(n).repeat_interleave(c)  # (M,)
+    for d, gallery_labels, query_label, size in (("i2t", text_labels, 0, m), ("t2i", torch.arange(n), 0, n)):
+        ranks = []
+        for perm in itertools.permutations(range(size)):
+            sim = torch.tensor(perm, dtype=torch.float32)[None]  # (1, G): one query, every order equally likely
+            ranks.append(int(rank_of_first_match(sim, [query_label], gallery_labels)[0]))
+        ranks = np.array(ranks)
+        for k in ks:
+            assert got[d][f"R@{k}"] == pytest.approx(100.0 * np.mean(ranks <= k), abs=1e-9), (d, k)
+        assert got[d]["medr"] == min(r for r in range(1, size + 1) if np.mean(ranks <= r) > 0.5), d
+    assert got["rsum"] == pytest.approx(sum(got[d][f"R@{k}"] for d in ("i2t", "t2i") for k in ks))
+
+
+def test_chance_level_of_the_demo_split_and_random_features():
+    """50 images x 5 captions: t2i R@K = K/50, Med r 26; i2t R@1 2, R@10 18.6 (not 20), Med r 33; and random
+    features score near it."""
+    ch = chance_level(50, 5)
+    assert [ch["t2i"][k] for k in ("R@1", "R@5", "R@10", "medr")] == pytest.approx([2, 10, 20, 26])
+    assert ch["i2t"]["R@1"] == pytest.approx(2.0) and ch["i2t"]["R@10"] == pytest.approx(18.60, abs=0.01)
+    assert ch["i2t"]["medr"] == 33 and ch["rsum"] == pytest.approx(62.28, abs=0.01)
+    g = torch.Generator().manual_seed(0)
+    runs = [evaluate_retrieval(torch.randn(50, 16, generator=g), torch.randn(250, 16, generator=g),
+                               torch.arange(50), torch.arange(50).repeat_interleave(5))["rsum"] for _ in range(200)]
+    assert np.mean(runs) == pytest.approx(ch["rsum"], abs=2.0)  # 200 runs: standard error ~0.8

@@ -249,3 +249,12 @@ def test_relative_links_resolve(page: str) -> None:
         if anchor:
             headings = re.findall(r"^#+ (.*)$", file.read_text(encoding="utf-8"), flags=re.M)
             assert anchor in {slug(h) for h in headings}, f"{page}: no heading for #{anchor} in {rel}"
+
+
+def test_install_page_names_every_pinned_package() -> None:
+    """docs/install.md says what requirements.txt installs: every pinned package is named there."""
+    page = (ROOT / "docs" / "install.md").read_text(encoding="utf-8").lower()
+    pins = re.findall(r"^([A-Za-z0-9_.-]+)==", (ROOT / "requirements.txt").read_text(), flags=re.M)
+    assert len(pins) > 10
+    missing = [p for p in pins if not re.search(rf"\b{re.escape(p.lower())}\b", page)]
+    assert not missing, f"docs/install.md does not name {missing}"

@@ -344,6 +344,24 @@ def test_cli_all_unknown_query_exits_2(checkpoint, prepared, folder):
     assert r.stdout == ""
 
 
+def test_cli_refuses_a_bad_image_before_encoding_anything(checkpoint, prepared, folder, monkeypatch, capsys):
+    """Issue 19: --image with a file that is no image is refused before the model is loaded and the split's
+    captions are encoded (a second, not minutes, on a real split); the Python API refuses it before encoding too."""
+    from engine import model_io, search_index
+    from engine.search_index import SearchError
+
+    def never(*a, **k):
+        raise AssertionError("encoded or loaded before the bad image was refused")
+    monkeypatch.setattr(search_index, "encode_captions", never)
+    monkeypatch.setattr(model_io, "load_model", never)
+    bad = folder / "notes.txt"
+    assert search.main(["--checkpoint", str(checkpoint), "--data", str(prepared), "--image", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and str(bad) in err and err.count("\n") == 1, err
+    with pytest.raises(SearchError, match="notes.txt"):
+        search_index.rank_captions(None, Prepared(prepared), bad, device="cpu")
+
+
 def test_cli_errors_name_what_was_expected(checkpoint, prepared, folder, tmp_path, capsys):
     cases = [
         (["--checkpoint", tmp_path / "none.pt", "--data", prepared, "--images", folder, "--query", "red"],

@@ -131,6 +131,7 @@
       for (const w of d.ignored) {
         const hint = d.hints[w] ? `did you mean ${d.hints[w]}?` : "not in the training dictionary";
         p.append(el("span", {class: "oov", title: hint, text: w}), " ");
+        if (d.hints[w]) p.append(el("span", {class: "hint", text: `(${hint})`}), " ");  // visible, not only on hover
       }
     }
     if (d.truncated) p.append(el("span", {class: "muted", text: ` · ${d.truncated} words beyond max_len dropped`}));
@@ -144,8 +145,12 @@
     return p;
   }
 
+  // "true" / "false", or "none" when the view has no ground truth (a typed sentence that is no caption of the
+  // split, your own images): then a result is neither right nor wrong and gets no red frame
+  const verdict = (correct) => (correct === null || correct === undefined ? "none" : String(correct));
+
   function tile(r, n) {
-    return el("a", {class: "nav tile", href: href({image: r.id}), "data-correct": String(r.correct), "data-id": r.id},
+    return el("a", {class: "nav tile", href: href({image: r.id}), "data-correct": verdict(r.correct), "data-id": r.id},
       el("img", {src: `/image/${r.id}`, alt: r.name}),
       el("div", {class: "label", text: `#${n + 1} ${fmt(r.score)}${r.correct ? " ✓" : ""}`}),
       el("div", {class: "label muted", text: r.name}));
@@ -162,7 +167,7 @@
   }
 
   function captionItem(c, n) {
-    const li = el("li", {"data-correct": String(c.correct), "data-id": c.id},
+    const li = el("li", {"data-correct": verdict(c.correct), "data-id": c.id},
       el("span", {class: "rank", text: n === null ? `rank ${c.rank}` : `#${n + 1}`}), " ",
       el("span", {class: "score", text: fmt(c.score)}), " ", link({caption: c.id}, c.text));
     if (c.correct) li.append(" ✓");
@@ -226,7 +231,7 @@
   }
 
   // ------------------------------------------------------------------------------------------------ PNG export
-  const GREEN = "#00a000", RED = "#d73c3c", MUTED = "#5a5a5a", FONT = "14px sans-serif", PAD = 16;
+  const GREEN = "#00a000", RED = "#d73c3c", MUTED = "#5a5a5a", NEUTRAL = "#c8c8c8", FONT = "14px sans-serif", PAD = 16;
 
   function fileStem() {
     const p = params();
@@ -306,7 +311,7 @@
       } else if (s.type === "tiles") {
         s.items.forEach((r, j) => {
           const x = PAD + j * (s.cell + PAD);
-          ctx.fillStyle = r.correct ? GREEN : RED;
+          ctx.fillStyle = r.correct ? GREEN : r.correct === false ? RED : NEUTRAL;  // null: no ground truth
           const band = r.correct ? 6 : 2;
           ctx.fillRect(x, y, s.cell, s.cell);
           ctx.fillStyle = "#eee";
