@@ -1,6 +1,6 @@
-"""Benchmark: the retrieval browser (python -m engine.browse) on a 5,000-image / 25,000-caption prepared split.
+"""Benchmark: the retrieval browser (python -m retrieval.browse) on a 5,000-image / 25,000-caption prepared split.
 
-Measures (a) the start-up of ``engine.browse.load_index``: load the checkpoint, encode the split
+Measures (a) the start-up of ``retrieval.browse.load_index``: load the checkpoint, encode the split
 (``engine.encode.encode_split``: whole images + flips, every caption summed over all position shifts) and evaluate it
 (``engine.metrics.evaluate_retrieval`` + ``retrieval_ranks``), and (b) the server time of each kind of request,
 through Flask's test client in this process (no network): a typed sentence (the text path's forward + 5,000
@@ -102,8 +102,8 @@ def main() -> None:
     import numpy as np  # after parsing: --help answers at once
     import torch
 
-    from engine import browse, browse_index
-    from engine.browse_app import create_app
+    from retrieval import browse, browse_index
+    from retrieval.browse_app import create_app
     from engine.data import Prepared
     from engine.encode import encode_split
     from engine.metrics import evaluate_retrieval, retrieval_ranks
@@ -123,7 +123,7 @@ def main() -> None:
         ranking = time.perf_counter() - t0
     else:
         from engine.model_io import load_model
-        from engine.search_index import checkpoint_key
+        from retrieval.index import checkpoint_key
         t0 = time.perf_counter()
         data = Prepared(data_dir)
         model, _ = load_model(ckpt, data, torch.device("cpu"))

@@ -1,7 +1,7 @@
 """Benchmark: command lines that answer at once (issue 13, docs/cli.md).
 
 (a) ``--help`` of every entry point (every ``*.py`` of the repository root, ``prepare/``, ``matconvnet/``,
-    ``engine/`` and ``bench/`` with an ``if __name__ == "__main__":`` block), as a whole process: wall and CPU
+    ``engine/``, ``retrieval/`` and ``bench/`` with an ``if __name__ == "__main__":`` block), as a whole process: wall and CPU
     seconds (user + system; less sensitive to other processes on a shared machine), each the best of R, and whether the
     process imported torch, torchvision or the models (``python -X importtime``). References: ``python -c pass`` and
     ``python -c "import torch"``.
@@ -34,7 +34,7 @@ BASELINE = ("import sys, numpy as np, torch; z = np.load(sys.argv[1]); "
             "s = torch.from_numpy(z['images']) @ torch.from_numpy(z['texts']).T")
 
 
-PACKAGES = ("prepare", "matconvnet", "engine")  # entry points run as ``python -m PACKAGE[.MODULE]``
+PACKAGES = ("prepare", "matconvnet", "engine", "retrieval")  # entry points run as ``python -m PACKAGE[.MODULE]``
 
 
 def entry_points(root: Path = ROOT) -> list[list[str]]:

@@ -2,7 +2,7 @@
 
     # the Stage I starting point of the original code (Caffe ResNet-50 via MatConvNet) -> a caffe-style backbone
     python -m matconvnet backbone imagenet-resnet-50-dag.mat --out data/imagenet-resnet-50-caffe.pth
-    # a released trained network + the authors' dictionary -> a checkpoint evaluate.py / engine.search /
+    # a released trained network + the authors' dictionary -> a checkpoint evaluate.py / retrieval.search /
     # train_stage2.py --init accept like one of ours
     python -m matconvnet model net-epoch-60.mat --dictionary flickr30k_dictionary.mat \\
         --data data/flickr30k_authors --out runs/authors/flickr30k.pt

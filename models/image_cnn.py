@@ -157,16 +157,16 @@ def load_pretrained_state(arch: str, pretrained: str, style: str = "torchvision"
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - not a torch file, or one holding more than tensors
-        raise ValueError(f"--pretrained {path}: not a readable state dict ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0] if str(e) else ''}); expected {what}") from None
+        raise InvalidValue(f"--pretrained {path}: not a readable state dict ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''}); expected {what}") from None
     if isinstance(state, dict) and "state_dict" in state:
         state = state["state_dict"]
     if isinstance(state, dict) and {"model", "config"} <= set(state):
-        raise ValueError(f"--pretrained {path} is a training checkpoint, not a backbone state dict: pass it to "
-                         f"train_stage2.py --init (or evaluate.py --checkpoint); --pretrained expects {what}")
+        raise InvalidValue(f"--pretrained {path} is a training checkpoint, not a backbone state dict: pass it to "
+                           f"train_stage2.py --init (or evaluate.py --checkpoint); --pretrained expects {what}")
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise ValueError(f"--pretrained {path} holds a {type(state).__name__}, not a state dict of tensors; "
-                         f"expected {what}")
+        raise InvalidValue(f"--pretrained {path} holds a {type(state).__name__}, not a state dict of tensors; "
+                           f"expected {what}")
     return state, f"{pretrained} ({path})"
 
 

@@ -1,4 +1,4 @@
-"""The retrieval browser (engine.browse*): its routes through Flask's test client, checked against brute-force
+"""The retrieval browser (retrieval.browse*): its routes through Flask's test client, checked against brute-force
 numpy references and against evaluate.py on the same checkpoint; security (ids only, limits, no stack traces); the
 CLI's argument errors. Reuses the tiny prepared directory and checkpoint of test_visualize_search.py (3 test images,
 6 test captions; a text matches an image when their ``person`` labels are equal)."""
@@ -16,12 +16,12 @@ import torch
 from PIL import Image
 
 import evaluate
-from engine import browse
-from engine.browse_app import create_app
-from engine.browse_index import from_folder
-from engine.browse_limits import MAX_K, MAX_QUERY_CHARS
+from retrieval import browse
+from retrieval.browse_app import create_app
+from retrieval.browse_index import from_folder
+from retrieval.browse_limits import MAX_K, MAX_QUERY_CHARS
 from engine.encode import encode_split
-from engine.search_index import encode_query
+from retrieval.index import encode_query
 from tests.test_visualize_search import checkpoint, data, folder, model, prepared  # noqa: F401  (shared fixtures)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -247,7 +247,7 @@ def test_unexpected_errors_hide_the_stack_trace(index, monkeypatch):
 
 
 def test_split_features_cached_for_the_next_start(checkpoint, prepared, index, monkeypatch):
-    from engine import browse_index
+    from retrieval import browse_index
 
     cache = browse_index.default_split_cache(checkpoint, index.data, "test")
     cache.unlink(missing_ok=True)
@@ -326,7 +326,7 @@ def test_folder_gallery(model, data, folder, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ CLI
 def test_cli_help_is_fast_and_imports_no_torch():
-    code = ("import sys, contextlib, io\nfrom engine import browse\nbuf = io.StringIO()\n"
+    code = ("import sys, contextlib, io\nfrom retrieval import browse\nbuf = io.StringIO()\n"
             "with contextlib.redirect_stdout(buf):\n    try: browse.main(['--help'])\n    except SystemExit: pass\n"
             "assert 'torch' not in sys.modules, 'torch imported'\nprint(buf.getvalue())")
     r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
@@ -352,7 +352,7 @@ def test_cli_serves_and_says_where(checkpoint, prepared):
     import signal
     import urllib.request
 
-    proc = subprocess.Popen([sys.executable, "-m", "engine.browse", "--checkpoint", str(checkpoint), "--data",
+    proc = subprocess.Popen([sys.executable, "-m", "retrieval.browse", "--checkpoint", str(checkpoint), "--data",
                              str(prepared), "--port", "0", "--device", "cpu"], cwd=ROOT, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     try:

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from engine import browse
+from retrieval import browse
 from tests.test_visualize_search import checkpoint, data, model, prepared  # noqa: F401  (shared fixtures)
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -214,7 +214,7 @@ def test_evaluation_view_and_errors(server, driver, tmp_path):
 
 @pytest.fixture(scope="module")
 def folder_server(model, data, tmp_path_factory):
-    from engine.browse_index import from_folder
+    from retrieval.browse_index import from_folder
     from tests.test_visualize_search import COLOURS, _solid
 
     photos = tmp_path_factory.mktemp("photos")

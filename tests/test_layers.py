@@ -3,7 +3,8 @@ file or inside a function, read from the source. No module takes part in an impo
 the packages below it:
 
     utils  <-  models  <-  prepare  <-  matconvnet
-                                    <-  engine  <-  the entry points (train_stage1.py, train_stage2.py, evaluate.py)
+                                    <-  engine  <-  retrieval (search and the browser)
+                                                <-  the entry points (train_stage1.py, train_stage2.py, evaluate.py)
 
 (``bench/`` and ``tests/`` sit above everything and are not checked.)
 """
@@ -13,7 +14,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ("utils", "models", "prepare", "matconvnet", "engine")
+PACKAGES = ("utils", "models", "prepare", "matconvnet", "engine", "retrieval")
 SCRIPTS = ("train_stage1", "train_stage2", "evaluate")
 ALLOWED = {  # package -> the packages it may import (besides itself)
     "utils": set(),
@@ -21,6 +22,7 @@ ALLOWED = {  # package -> the packages it may import (besides itself)
     "prepare": {"utils", "models"},
     "matconvnet": {"utils", "models", "prepare"},
     "engine": {"utils", "models", "prepare"},
+    "retrieval": {"utils", "models", "prepare", "engine"},
     "scripts": {"utils", "models", "prepare", "engine"},
 }
 

@@ -1,4 +1,4 @@
-"""Retrieval grids (engine.visualize) and search with your own query (engine.search, engine.model_io).
+"""Retrieval grids (engine.visualize) and search with your own query (retrieval.search, engine.model_io).
 
 A tiny prepared directory is written by hand here (format version 1, no preparer involved): 6 solid-colour
 80x64 images (train 2, val 1, test 3), 2 captions each, an 11-word dictionary; plus a tiny ResNet-18 model
@@ -19,7 +19,8 @@ import pytest
 import torch
 from PIL import Image
 
-from engine import search, visualize
+from engine import visualize
+from retrieval import search
 from engine.config import Config
 from engine.data import Prepared
 from models import build_model
@@ -310,7 +311,7 @@ def test_search_image_and_caption_cache(model, data, folder, tmp_path, monkeypat
 # ------------------------------------------------------------------------------------------------ CLI
 def _cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
-    return subprocess.run([sys.executable, "-m", "engine.search", *map(str, args)], cwd=ROOT, env=env,
+    return subprocess.run([sys.executable, "-m", "retrieval.search", *map(str, args)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -347,8 +348,9 @@ def test_cli_all_unknown_query_exits_2(checkpoint, prepared, folder):
 def test_cli_refuses_a_bad_image_before_encoding_anything(checkpoint, prepared, folder, monkeypatch, capsys):
     """Issue 19: --image with a file that is no image is refused before the model is loaded and the split's
     captions are encoded (a second, not minutes, on a real split); the Python API refuses it before encoding too."""
-    from engine import model_io, search_index
-    from engine.search_index import SearchError
+    from engine import model_io
+    from retrieval import index as search_index
+    from retrieval.index import SearchError
 
     def never(*a, **k):
         raise AssertionError("encoded or loaded before the bad image was refused")

@@ -1,4 +1,4 @@
-"""The command-line convention of every entry point (``prepare.*``, train_stage*.py, evaluate.py, ``engine.search``,
+"""The command-line convention of every entry point (``prepare.*``, train_stage*.py, evaluate.py, ``retrieval.search``,
 bench/*.py), in one place. See docs/cli.md.
 
 - Arguments are parsed before torch, torchvision or the models are imported, so ``--help`` and usage errors answer
@@ -74,7 +74,7 @@ def run_guarded(body: Callable[[], int | None], errors: tuple[type[BaseException
 
 
 def check_model_inputs(checkpoint, data) -> None:
-    """The two paths every command that loads a trained model takes (``engine.search``, ``engine.browse``), checked
+    """The two paths every command that loads a trained model takes (``retrieval.search``, ``retrieval.browse``), checked
     before torch is imported: the checkpoint file and the prepared directory. Raises UserError."""
     from pathlib import Path
 

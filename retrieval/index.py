@@ -1,4 +1,4 @@
-"""Search building blocks (used by ``python -m engine.search``): encode a folder of images once with a feature cache,
+"""Search building blocks (used by ``python -m retrieval.search``): encode a folder of images once with a feature cache,
 tokenise a user's sentence with the prepared dictionary, rank images for a sentence and captions for an image.
 
 Images are prepared as the preparer did (shorter side -> the manifest's ``image_resize.size``, or a square for mode
@@ -9,7 +9,6 @@ words outside it are dropped and reported. Ranking: cosine similarity of the tes
 """
 from __future__ import annotations
 
-import hashlib
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,17 +19,18 @@ import numpy as np
 import torch
 
 from utils.cli import UserError
-from utils.files import atomic_write
 from utils.vectors import top_indices, unit_rows
 from prepare.core import COCO_DELIMITERS, DELIMITERS, PrepareError, index_captions, tokenize
 from prepare.images import RESIZE_MODES, load_resized
 
-from .data import Prepared, PreparedDataError
-from .encode import autocast
-from .encode import encode_captions as encode_caption_rows
+from engine.data import Prepared, PreparedDataError
+from engine.encode import autocast
+from engine.encode import encode_captions as encode_caption_rows
+
+from .cache import (CACHE_VERSION, checkpoint_key, default_caption_cache, default_image_cache,  # noqa: F401 (API)
+                    model_fingerprint, read_npz, save_npz)
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
-CACHE_VERSION = 1
 _WHITESPACE_NOTE = " (and whitespace)"
 
 
@@ -58,63 +58,6 @@ def top_k(query: np.ndarray, feats: np.ndarray, k: int) -> tuple[np.ndarray, np.
     scores = (unit_rows(feats) @ unit_rows(query[None])[0]).numpy()  # (N,)
     order = top_indices(scores, k)
     return order, scores[order]
-
-
-# ------------------------------------------------------------------------------------------------ npz cache
-def _atomic_savez(path: Path, **arrays: np.ndarray) -> bool:
-    """Write an .npz atomically (``utils.files``); False (with a note) when it cannot be written."""
-    try:
-        with atomic_write(path) as f:
-            np.savez(f, **arrays)
-        return True
-    except OSError as e:
-        _note(f"note: cannot write the feature cache {path} ({e.strerror or e}); features are not cached")
-        return False
-
-
-def _read_cache(path: Path | None, key: str) -> dict[str, np.ndarray] | None:
-    """The arrays of a cache file written for ``key``; None when absent, unreadable or for another model."""
-    if path is None or not path.is_file():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {name: z[name] for name in z.files}
-    except (OSError, ValueError, EOFError) as e:
-        _note(f"note: ignoring the unreadable feature cache {path} ({e}); it will be rewritten")
-        return None
-    if int(arrays.get("version", -1)) != CACHE_VERSION or str(arrays.get("key", "")) != key:
-        _note(f"note: the feature cache {path} was written for another model or settings; re-encoding")
-        return None
-    return arrays
-
-
-def model_fingerprint(model: torch.nn.Module) -> str:
-    """A hash of every weight and buffer (the cache key when the caller gives none)."""
-    h = hashlib.sha1()
-    for name, t in model.state_dict().items():
-        h.update(name.encode())
-        h.update(t.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
-
-
-def checkpoint_key(checkpoint: str | Path) -> str:
-    """Identity of a checkpoint file for cache names: resolved path + modification time."""
-    p = Path(checkpoint).resolve()
-    return f"{p}@{p.stat().st_mtime_ns}"
-
-
-def _short_hash(text: str) -> str:
-    return hashlib.sha1(text.encode()).hexdigest()[:12]
-
-
-def default_image_cache(folder: str | Path, checkpoint: str | Path) -> Path:
-    return Path(folder) / f".dualpath_cache_{_short_hash(checkpoint_key(checkpoint))}.npz"
-
-
-def default_caption_cache(checkpoint: str | Path, data: Prepared, split: str) -> Path:
-    """Next to the checkpoint (the prepared directory stays read-only)."""
-    key = f"{checkpoint_key(checkpoint)}|{data.root.resolve()}|{split}"
-    return Path(checkpoint).resolve().parent / f".dualpath_captions_{split}_{_short_hash(key)}.npz"
 
 
 # ------------------------------------------------------------------------------------------------ images
@@ -178,7 +121,7 @@ def encode_folder(model, folder: str | Path, image_size: int, mode: str, device:
     dim = model.text.fc.out_features
     key = f"{cache_key if cache_key is not None else model_fingerprint(model)}|{image_size}|{mode}|{precision}|{dim}"
     cache = Path(cache) if cache is not None else None
-    old = _read_cache(cache, key)
+    old = read_npz(cache, key)
     known: dict[str, tuple[int, int, int]] = {}
     if old is not None:
         known = {str(p): (int(m), int(s), i)
@@ -218,7 +161,7 @@ def encode_folder(model, folder: str | Path, image_size: int, mode: str, device:
         raise SearchError(f"--images {folder}: none of its {len(paths)} images could be decoded")
     paths, feats = [paths[i] for i in keep], feats[keep]
     if cache is not None and (todo or old is None or len(old["paths"]) != len(keep)):
-        _atomic_savez(cache, version=np.array(CACHE_VERSION), key=np.array(key),
+        save_npz(cache, version=np.array(CACHE_VERSION), key=np.array(key),
                       paths=np.array([resolved[i] for i in keep], dtype=str),
                       mtime_ns=np.array([stats[i].st_mtime_ns for i in keep], dtype=np.int64),
                       size=np.array([stats[i].st_size for i in keep], dtype=np.int64), feats=feats)
@@ -342,14 +285,14 @@ def encode_captions(model, data: Prepared, split: str = "test", device: str | to
     key = (f"{cache_key if cache_key is not None else model_fingerprint(model)}|{data.root.resolve()}|"
            f"{data.manifest.get('created')}|{split}|{precision}|{dim}")
     cache = Path(cache) if cache is not None else None
-    old = _read_cache(cache, key)
+    old = read_npz(cache, key)
     if old is not None and np.array_equal(old["rows"], rows):
         return rows, old["feats"]
     if progress:
         progress(f"{data.root}: encoding the {len(rows)} captions of the {split} split")
     feats = encode_caption_rows(model, data, rows, device, batch_size=batch_size, precision=precision)
     if cache is not None:
-        _atomic_savez(cache, version=np.array(CACHE_VERSION), key=np.array(key), rows=rows, feats=feats)
+        save_npz(cache, version=np.array(CACHE_VERSION), key=np.array(key), rows=rows, feats=feats)
     return rows, feats
 
 

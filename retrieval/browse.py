@@ -1,7 +1,7 @@
 """A local web page to search and inspect a trained model on a prepared split (or on a folder of your own images).
 
-    python -m engine.browse --checkpoint runs/f30k/stage2/checkpoint_best.pt --data data/flickr30k --split test
-    python -m engine.browse --checkpoint CKPT --data data/flickr30k --images ~/photos      # your own images
+    python -m retrieval.browse --checkpoint runs/f30k/stage2/checkpoint_best.pt --data data/flickr30k --split test
+    python -m retrieval.browse --checkpoint CKPT --data data/flickr30k --images ~/photos      # your own images
     then open http://127.0.0.1:8765
 
 Views: a query box (sentence -> top-K images), an image view (top-K captions, ground-truth captions and their ranks),
@@ -23,12 +23,12 @@ from .search import add_encoding_args
 
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
-        prog="python -m engine.browse", formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="python -m retrieval.browse", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Serve a local retrieval browser for a trained dual-path model: a query box, an image view, "
                     "an evaluation view (the numbers evaluate.py prints), permalinks and PNG export.",
         epilog="examples:\n"
-               "  python -m engine.browse --checkpoint runs/f30k/stage2/checkpoint_best.pt --data data/flickr30k\n"
-               "  python -m engine.browse --checkpoint CKPT --data data/flickr30k --images ~/photos --port 8800\n"
+               "  python -m retrieval.browse --checkpoint runs/f30k/stage2/checkpoint_best.pt --data data/flickr30k\n"
+               "  python -m retrieval.browse --checkpoint CKPT --data data/flickr30k --images ~/photos --port 8800\n"
                "exit status: 0 stopped with Ctrl-C, 2 bad arguments or input (the message says what was expected).")
     p.add_argument("--checkpoint", required=True, type=Path, metavar="CKPT",
                    help="a training checkpoint (checkpoint_best.pt / checkpoint_last.pt of a Stage I or II run)")
@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prepared split whose images and captions are browsed (default: %(default)s)")
     p.add_argument("--images", type=Path, metavar="FOLDER",
                    help="browse this folder of .jpg/.jpeg/.png images (recursive) instead of the split's images; "
-                        "the image view then ranks the split's captions; features are cached as in engine.search")
+                        "the image view then ranks the split's captions; features are cached as in retrieval.search")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default: %(default)s, this machine only; 0.0.0.0 exposes the page "
                         "and the images to the network)")
@@ -77,11 +77,12 @@ def check_args(args: argparse.Namespace) -> None:
 
 def load_index(args: argparse.Namespace):
     """Load the model and encode the gallery once (progress on stderr) -> BrowseIndex."""
+    from engine.data import Prepared
+    from engine.model_io import load_model
+
     from .browse_index import default_split_cache, from_folder, from_split
-    from .data import Prepared
-    from .model_io import load_model
+    from .cache import checkpoint_key, default_caption_cache, default_image_cache
     from .search import _resolve_device
-    from .search_index import checkpoint_key, default_caption_cache, default_image_cache
 
     data = Prepared(args.data)
     device = _resolve_device(args.device)
@@ -118,8 +119,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         check_args(args)
-        from .data import PreparedDataError
-        from .search_index import SearchError
+        from engine.data import PreparedDataError
+        from .index import SearchError
         try:
             index = load_index(args)
             server = make_server(index, args.host, args.port)

@@ -1,4 +1,4 @@
-"""What the retrieval browser shows (``python -m engine.browse``), without any web code: a trained model's features of
+"""What the retrieval browser shows (``python -m retrieval.browse``), without any web code: a trained model's features of
 a gallery of images and of a split's captions, encoded once, and the three views computed from them.
 
 Two galleries:
@@ -7,7 +7,7 @@ Two galleries:
                  evaluate.py runs); the split knows which caption belongs to which image (equal ``person`` labels),
                  so correct items are marked and the evaluation view's numbers come from
                  ``engine.metrics.evaluate_retrieval`` (the function evaluate.py calls) with the same directions.
-``from_folder``  a folder of the user's own images (``engine.search_index.encode_folder``, with its feature cache)
+``from_folder``  a folder of the user's own images (``retrieval.index.encode_folder``, with its feature cache)
                  searched by sentence; an image's captions are those of the split (``encode_captions``, cached). There
                  is no ground truth, so nothing is marked and there is no evaluation view.
 
@@ -28,14 +28,14 @@ import models  # noqa: F401  (first: installs the torchvision guard)
 import numpy as np
 import torch
 
+from engine.data import Prepared
+from engine.encode import encode_split
+from engine.metrics import DIRECTIONS, evaluate_retrieval, retrieval_ranks
 from utils.vectors import top_indices, unit_rows
 
 from .browse_limits import MAX_K, MAX_PER_PAGE, MAX_QUERY_CHARS, THUMB_CACHE, THUMB_SIDE
-from .data import Prepared
-from .encode import encode_split
-from .metrics import DIRECTIONS, evaluate_retrieval, retrieval_ranks
-from .search_index import (CACHE_VERSION, QueryError, _atomic_savez, _read_cache, checkpoint_key, encode_captions,
-                           encode_folder, encode_query, tokenize_query, vocabulary)
+from .cache import CACHE_VERSION, checkpoint_key, read_npz, save_npz
+from .index import QueryError, encode_captions, encode_folder, encode_query, tokenize_query, vocabulary
 
 
 
@@ -256,7 +256,7 @@ def from_split(model, data: Prepared, split: str, device: torch.device, *, top_k
     path) and ``cache_key`` (the checkpoint's identity), the encoded features are saved there and reused by a later
     start-up for the same checkpoint, prepared directory, split and precision."""
     if cache is not None and cache_key is None:
-        raise ValueError("a split feature cache needs cache_key (e.g. engine.search_index.checkpoint_key(CKPT))")
+        raise ValueError("a split feature cache needs cache_key (e.g. retrieval.index.checkpoint_key(CKPT))")
     key = split_cache_key(cache_key, data, split, precision, model.text.fc.out_features)
     feats = _cached_split(cache, key, data, split)
     if feats is None:
@@ -288,12 +288,12 @@ def split_cache_key(cache_key: str, data: Prepared, split: str, precision: str, 
 
 def write_split_cache(cache: Path, key: str, feats: dict[str, np.ndarray]) -> bool:
     """Save encode_split's arrays atomically (False, with a note, when the file cannot be written)."""
-    return _atomic_savez(cache, version=np.array(CACHE_VERSION), key=np.array(key), **feats)
+    return save_npz(cache, version=np.array(CACHE_VERSION), key=np.array(key), **feats)
 
 
 def _cached_split(cache: Path | None, key: str, data: Prepared, split: str) -> dict[str, np.ndarray] | None:
     """encode_split's arrays from a cache written for ``key``, when its rows are still the split's rows."""
-    old = _read_cache(cache, key)
+    old = read_npz(cache, key)
     if old is None:
         return None
     if not (np.array_equal(old.get("image_rows"), data.split_images(split))

@@ -1,5 +1,5 @@
-"""The retrieval browser's web application (Flask): JSON routes over an ``engine.browse_index.BrowseIndex`` and the
-static page in ``engine/browse_static/`` (plain HTML/CSS/JS, no build step, nothing fetched from elsewhere).
+"""The retrieval browser's web application (Flask): JSON routes over an ``retrieval.browse_index.BrowseIndex`` and the
+static page in ``retrieval/browse_static/`` (plain HTML/CSS/JS, no build step, nothing fetched from elsewhere).
 
 Routes (all GET):
     /                              the page; its state is in the URL (?q=... | ?caption=ID | ?image=ID | ?view=eval)
@@ -28,7 +28,7 @@ from .browse_index import BrowseError, BrowseIndex
 from .browse_limits import MAX_K, MAX_PER_PAGE, MAX_QUERY_CHARS
 
 STATIC = Path(__file__).resolve().parent / "browse_static"
-log = logging.getLogger("engine.browse")
+log = logging.getLogger("retrieval.browse")
 _CSP = "default-src 'self'; img-src 'self' data: blob:; object-src 'none'; base-uri 'none'; frame-ancestors 'none'"
 
 
@@ -61,7 +61,7 @@ def _error(status: int, message: str) -> Response:
 
 def create_app(index: BrowseIndex) -> Flask:
     """The Flask app serving ``index`` (a ``BrowseIndex``); use its ``test_client()`` in tests."""
-    app = Flask("engine.browse", static_folder=str(STATIC), static_url_path="/static")
+    app = Flask("retrieval.browse", static_folder=str(STATIC), static_url_path="/static")
     app.json.sort_keys = False
 
     @app.after_request

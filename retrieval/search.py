@@ -1,8 +1,8 @@
 """Search with your own query: a sentence -> images of a folder, or an image -> captions of a prepared split.
 
-    python -m engine.search --checkpoint runs/x/checkpoint_best.pt --data data/flickr30k \\
+    python -m retrieval.search --checkpoint runs/x/checkpoint_best.pt --data data/flickr30k \\
         --images ~/photos --query "a dog runs on the grass" --query "two men walking" [--top-k 5] [--json out.json]
-    python -m engine.search --checkpoint runs/x/checkpoint_best.pt --data data/flickr30k \\
+    python -m retrieval.search --checkpoint runs/x/checkpoint_best.pt --data data/flickr30k \\
         --image ~/photos/dog.jpg [--split test] [--top-k 5]
 
 Images are prepared as the preparer did (shorter side -> the manifest's ``image_resize.size``, or a square for mode
@@ -13,7 +13,7 @@ later run re-encodes only new or changed images. Sentences are tokenised with th
 (``prepare.core.tokenize`` / ``index_captions``) and the prepared dictionary; words outside it are dropped and
 reported. Ranking: cosine similarity of the test-time features.
 
-Python API (implemented in ``engine/search_index.py``, re-exported here): ``encode_folder``, ``search_text``,
+Python API (implemented in ``retrieval/index.py``, re-exported here): ``encode_folder``, ``search_text``,
 ``encode_captions``, ``search_image``, ``tokenize_query``,
 ``encode_query``; ``engine.model_io.load_model`` rebuilds the model.
 """
@@ -29,7 +29,7 @@ from utils.cli import ArgumentParser, UserError, check_model_inputs, run_guarded
 if TYPE_CHECKING:
     import torch
 
-# The Python API of engine.search, re-exported from engine.search_index on first use (PEP 562), so that the command
+# The Python API of retrieval.search, re-exported from retrieval.index on first use (PEP 562), so that the command
 # line parses its arguments before torch, torchvision and the models are imported (docs/cli.md).
 API = ("IMAGE_SUFFIXES", "CACHE_VERSION", "SearchError", "QueryError", "top_k", "model_fingerprint", "checkpoint_key",
        "default_image_cache", "default_caption_cache", "list_images", "load_image", "encode_images", "encode_folder",
@@ -40,15 +40,15 @@ __all__ = ["build_parser", "check_args", "main", "run", *API]
 
 def __getattr__(name: str) -> Any:
     if name in API:
-        from . import search_index
-        return getattr(search_index, name)
+        from . import index
+        return getattr(index, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ------------------------------------------------------------------------------------------------ command line
 def build_parser() -> argparse.ArgumentParser:
     p = ArgumentParser(
-        prog="python -m engine.search",
+        prog="python -m retrieval.search",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Search with your own query using a trained dual-path model:\n"
                     "  sentences -> images of a folder (--query TEXT with --images FOLDER), or\n"
@@ -56,9 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                     "Ranking: cosine similarity of the test-time features; image features of the folder are "
                     "cached.",
         epilog="examples:\n"
-               "  python -m engine.search --checkpoint runs/f30k_s2/checkpoint_best.pt --data data/flickr30k \\\n"
+               "  python -m retrieval.search --checkpoint runs/f30k_s2/checkpoint_best.pt --data data/flickr30k \\\n"
                "      --images ~/photos --query \"a dog runs on the grass\" --query \"two men walking\"\n"
-               "  python -m engine.search --checkpoint runs/f30k_s2/checkpoint_best.pt --data data/flickr30k \\\n"
+               "  python -m retrieval.search --checkpoint runs/f30k_s2/checkpoint_best.pt --data data/flickr30k \\\n"
                "      --image ~/photos/dog.jpg --top-k 10\n"
                "exit status: 0 success, 2 bad arguments or input (the message says what was expected).")
     p.add_argument("--checkpoint", required=True, type=Path, metavar="CKPT",
@@ -105,7 +105,7 @@ def add_encoding_args(p: argparse.ArgumentParser, batch_size: int) -> None:
 def _resolve_device(name: str) -> torch.device:
     import torch
 
-    from .search_index import SearchError
+    from .index import SearchError
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -139,11 +139,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     import models  # noqa: F401  (first: installs the torchvision guard)
 
     from utils.files import write_json
-    from .data import Prepared
-    from .model_io import load_model
-    from .search_index import (checkpoint_key, default_caption_cache, default_image_cache, encode_captions,
-                               encode_folder, list_images, load_image, rank_captions, search_text, tokenize_query,
-                               vocabulary)
+    from engine.data import Prepared
+    from engine.model_io import load_model
+    from .cache import checkpoint_key, default_caption_cache, default_image_cache
+    from .index import (encode_captions, encode_folder, list_images, load_image, rank_captions, search_text,
+                        tokenize_query, vocabulary)
 
     paths = list_images(args.images) if args.images is not None else []
     data = Prepared(args.data)

@@ -1,4 +1,4 @@
-"""Limits of the retrieval browser's requests (torch-free, so ``python -m engine.browse`` checks its arguments
+"""Limits of the retrieval browser's requests (torch-free, so ``python -m retrieval.browse`` checks its arguments
 before importing torch)."""
 
 MAX_QUERY_CHARS = 500  # a sentence longer than this is refused (the dictionary keeps max_len words anyway)
