@@ -61,7 +61,7 @@ def demo_checkpoint(data_dir: Path, out: Path) -> Path:
     """configs/demo.yaml's network sizes, random weights (pretrained none), saved like a training checkpoint."""
     from engine.config import load_config
     from engine.data import Prepared
-    from engine.loop import make_model
+    from engine.model_io import make_model
 
     import torch
     data = Prepared(data_dir)

@@ -223,15 +223,15 @@ def model_pairs_per_s(trainer, batch: dict[str, torch.Tensor], steps: int, warmu
 def pad_classifier(classes: int):
     """Within the block, Trainers build the shared W with at least ``classes`` rows (the real dataset's size, where
     the synthetic data has fewer classes: the labels use the first rows). 0: unchanged."""
-    import engine.loop as loop
+    import engine.model_io as model_io
 
-    real = loop.build_model
+    real = model_io.build_model
 
     def build_model(*, num_classes: int, **kwargs):
         return real(num_classes=max(num_classes, classes), **kwargs)
 
-    loop.build_model = build_model
+    model_io.build_model = build_model
     try:
         yield
     finally:
-        loop.build_model = real
+        model_io.build_model = real

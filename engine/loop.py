@@ -12,7 +12,6 @@ checkpoints. One DataLoader iterator serves the whole run (``RunSampler``): work
 from __future__ import annotations
 
 import json
-import math
 import signal
 import time
 import warnings
@@ -27,21 +26,19 @@ from torch.utils.data import DataLoader
 
 from utils.cli import InvalidValue, UserError
 from models import DualPath, build_model, param_groups
-from models.image_cnn import weights_style
 
 from . import checkpoint as ckpt
 from .config import Config, config_from_dict
 from .data import Prepared, RunSampler, TrainBatches, TrainSpec
 from .dist import all_reduce_mean, all_reduce_min, barrier, global_batchnorm, init_distributed, is_main
 from .encode import allow_tf32, encode_split
+from .model_io import make_model
 from .step import TrainStep, plain_lrs, resolve_mode
 from .logging import RunLogger, retrieval_scalars
 from .metrics import evaluate_retrieval
 from .visualize import retrieval_figures
 
 DONE = "train_done.json"
-MODEL_KEYS = ("arch", "train_crop", "text_depth", "text_pool", "classifier_bias", "feature_dim", "text_width",
-              "backbone_style", "backbone_bn_eps", "backbone_width")  # must match Stage I
 RUNTIME_KEYS = {"workers", "prefetch_factor", "log_every", "eval_batch_size", "checkpoint_every_steps",
                 "val_every", "compile"}  # may change on resume; everything else is the recipe
 
@@ -55,52 +52,6 @@ def _ignore_stop_signals(_worker_id: int) -> None:
     process must be able to finish its step and write the checkpoint (it shuts the workers down itself)."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-
-
-def resolve_backbone_style(cfg: Config, init: dict | None) -> str:
-    """The concrete backbone style of a run: the config's, or for "auto" the Stage I checkpoint's (Stage II), else
-    "caffe" when ``pretrained`` is a file with a caffe sidecar (``python -m matconvnet backbone``), else torchvision.
-    Checkpoints written before the styles existed are torchvision."""
-    if cfg.backbone_style != "auto":
-        return cfg.backbone_style
-    if init is not None:
-        old = init.get("config", {}).get("backbone_style", "auto")
-        return "torchvision" if old == "auto" else old
-    return weights_style(cfg.pretrained)
-
-
-def make_model(cfg: Config, data: Prepared, init: dict | None) -> tuple[DualPath, str]:
-    """Stage I: fresh heads + pretrained backbone. Stage II: the Stage I checkpoint's weights.
-    Sets ``cfg.backbone_style`` to the resolved style (so that checkpoints record it)."""
-    cfg.backbone_style = resolve_backbone_style(cfg, init)
-    pixel_mean = None
-    if cfg.backbone_style == "caffe" and init is not None:
-        pixel_mean = (0.0, 0.0, 0.0)  # a placeholder: the checkpoint's image.pixel_mean replaces it
-    elif cfg.backbone_style == "caffe":  # the original subtracts the training images' mean RGB (imdb.rgbMean)
-        pixel_mean = data.manifest.get("rgb_mean")
-        if pixel_mean is None:
-            raise InvalidValue(f"{data.root / 'manifest.json'}: no rgb_mean (the training images' mean RGB, which the "
-                             f"caffe-style backbone subtracts); prepare the data again with this version")
-    kwargs = dict(num_classes=data.num_classes, vocab_size=data.vocab_size, max_len=data.max_len,
-                  arch=cfg.arch, dropout=cfg.dropout, classifier_bias=cfg.classifier_bias,
-                  text_pool=cfg.text_pool, text_depth=cfg.text_depth, feature_dim=cfg.feature_dim,
-                  text_width=cfg.text_width, backbone_style=cfg.backbone_style,
-                  backbone_bn_eps=cfg.backbone_bn_eps, backbone_width=cfg.backbone_width, pixel_mean=pixel_mean,
-                  image_pool=math.ceil(cfg.train_crop / 32))  # the layer4 map of a training crop: 7 at 224
-    if init is None:
-        model = build_model(word2vec=data.word2vec(), pretrained=cfg.pretrained, **kwargs)
-        return model, model.image.pretrained_source
-    old = config_from_dict(init["config"]).to_dict()
-    old["backbone_style"] = resolve_backbone_style(Config(backbone_style="auto"), init)  # the checkpoint's own
-    diff = {k: (old[k], getattr(cfg, k)) for k in MODEL_KEYS if old[k] != getattr(cfg, k)}
-    if diff:
-        raise InvalidValue(f"Stage II config differs from the Stage I checkpoint in model keys {diff}")
-    model = build_model(word2vec=None, pretrained="none", **kwargs)
-    weights = dict(init["model"])
-    for key in ("image.pixel_mean", "image.pixel_std"):  # checkpoints from before the normalisation buffers
-        weights.setdefault(key, getattr(model.image, key.split(".")[1]))
-    model.load_state_dict(weights)
-    return model, init["pretrained_source"]
 
 
 def validate(module: DualPath, data: Prepared, cfg: Config, device: torch.device, channels_last: bool = False

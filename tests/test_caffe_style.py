@@ -18,7 +18,8 @@ import models  # noqa: F401  (torchvision guard first)
 from engine import checkpoint as ckpt
 from engine.config import Config
 from engine.data import Prepared
-from engine.loop import Trainer, make_model
+from engine.loop import Trainer
+from engine.model_io import make_model
 from engine.model_io import load_model
 from models.caffe_resnet import CaffeResNet
 from models.image_cnn import IMAGENET_MEAN, IMAGENET_STD, ImageCNN, sidecar_path

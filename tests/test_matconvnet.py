@@ -283,7 +283,7 @@ def _make_model(ckpt: dict):
     from types import SimpleNamespace
 
     from engine.config import config_from_dict
-    from engine.loop import make_model
+    from engine.model_io import make_model
     d = ckpt["data"]
     data = SimpleNamespace(num_classes=d["num_classes"], vocab_size=d["vocab_size"], max_len=d["max_len"])
     model, _ = make_model(config_from_dict(ckpt["config"]), data, init=ckpt)
@@ -292,7 +292,7 @@ def _make_model(ckpt: dict):
 
 def test_checkpoint_config_is_a_full_valid_config(flickr_ckpt):
     from engine.config import Config, config_from_dict
-    from engine.loop import MODEL_KEYS
+    from engine.model_io import MODEL_KEYS
     cfg = flickr_ckpt["config"]
     assert set(MODEL_KEYS) <= set(cfg)
     resolved = config_from_dict(cfg)

@@ -18,7 +18,7 @@ from torch import nn
 
 import models  # noqa: F401  (torchvision guard first)
 from engine.config import load_config
-from engine.loop import make_model
+from engine.model_io import make_model
 from engine.paper import load_paper_rows
 from models import param_groups
 from models.text_cnn import Bottleneck
