@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # Every GPU figure of the training-speed work in one run (a GPU host; ~8 min on one H200):
-#   bash bench/gpu_check.sh [all|mechanics|speed|rows|demo]... [--out DIR]
+#   bash bench/gpu_check.sh [all|mechanics|speed|rows|inductor|demo]... [--out DIR]
 # mechanics: the CUDA tests of the captured step (tests/test_cuda_step.py), eager vs captured parity over 200 steps
 #            of the Flickr30k Stage II recipe (bench/graph_parity.py);
 # speed:     ResNet-50 Flickr30k recipes at the paper's batch of 32, eager and captured, fp32 (TF32) and bf16, and
 #            captured at 128 and 256 (bench/train_throughput.py), plus one validation pass;
-# rows:      the other recipe rows at batch 32, captured: ResNet-152 and VGG-19 (Flickr30k), ResNet-50 with MSCOCO's
-#            W (113,287 classes), VGG-16 (CUHK-PEDES, random negatives);
+# rows:      the other recipe rows at batch 32, captured, each with its dataset's W: ResNet-152 and VGG-19 (Flickr30k,
+#            29,783 classes), ResNet-50 and VGG-19 (MSCOCO, 113,287), ResNet-50 and VGG-16 (CUHK-PEDES, 11,003);
+#            ROWS="coco_vgg19:113287 ..." (config prefix:classes) measures only those;
+# inductor:  an experiment (not in all): the ResNet-50 recipes at batch 32, captured, with and without the two CNNs
+#            compiled by torch.compile's inductor inside the captured step;
 # demo:      scripts/demo.sh end to end, timed.
 # Tables are appended to DIR/BENCHMARKS.md (default: the repository's BENCHMARKS.md), logs to DIR/*.log. Runs with
 # the python on PATH (or .venv's); a failing part does not stop the others; exit 1 if any failed.
@@ -16,8 +19,8 @@ PARTS=(); OUTDIR=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) OUTDIR="$2"; shift 2 ;;
-    all|mechanics|speed|rows|demo) PARTS+=("$1"); shift ;;
-    *) echo "usage: bash bench/gpu_check.sh [all|mechanics|speed|rows|demo]... [--out DIR]" >&2; exit 2 ;;
+    all|mechanics|speed|rows|inductor|demo) PARTS+=("$1"); shift ;;
+    *) echo "usage: bash bench/gpu_check.sh [all|mechanics|speed|rows|inductor|demo]... [--out DIR]" >&2; exit 2 ;;
   esac
 done
 [ ${#PARTS[@]} -gt 0 ] || PARTS=(all)
@@ -60,11 +63,14 @@ for part in "${PARTS[@]}"; do
       run speed_b256 120 "${TT[@]}" --steps 12 --warmup 4 --batch-size 256 --compile cuda_graph ;;
     rows)
       wait $DATA_PID
-      for cfg in flickr30k_resnet152 flickr30k_vgg19 cuhk_pedes_vgg16; do
-        run "row_$cfg" 150 "${TT[@]}" --steps 30 --warmup 10 --compile cuda_graph --config "configs/${cfg}_stage{stage}.yaml"
-      done
-      run row_coco_resnet50 150 "${TT[@]}" --steps 30 --warmup 10 --compile cuda_graph \
-        --config "configs/coco_stage{stage}.yaml" --classifier-classes 113287 ;;
+      for row in ${ROWS:-flickr30k_resnet152:29783 flickr30k_vgg19:29783 coco:113287 coco_vgg19:113287 \
+                        cuhk_pedes:11003 cuhk_pedes_vgg16:11003}; do
+        run "row_${row%%:*}" 150 "${TT[@]}" --steps 30 --warmup 10 --compile cuda_graph \
+          --config "configs/${row%%:*}_stage{stage}.yaml" --classifier-classes "${row##*:}"
+      done ;;
+    inductor)
+      wait $DATA_PID
+      run inductor_b32 300 "${TT[@]}" --steps 40 --warmup 12 --batch-size 32 --compile cuda_graph inductor ;;
     demo)
       run demo 240 bash -c "time bash scripts/demo.sh runs/demo_gpu" ;;
   esac

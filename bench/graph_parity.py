@@ -3,7 +3,8 @@
 From ONE Stage I checkpoint, the Flickr30k Stage II recipe (hard negatives, dropout, fp32 with TF32, channels_last)
 is trained for --steps steps three times with the same seed and the same batches: eager, eager again (the baseline:
 how much two eager runs differ, cuDNN's algorithm choice and atomics included) and captured (``compile:
-cuda_graph``). Each run uses the Trainer's own loader and step; the loss terms are read back after every step.
+cuda_graph``); with --inductor a fourth run, captured with the two CNNs compiled by inductor (an experiment). Each
+run uses the Trainer's own loader and step; the loss terms are read back after every step.
 
 Reported: per loss term the largest and the mean absolute difference between the curves (eager vs eager, eager vs
 captured); the relative difference of all weights (||a - b|| / ||a|| over every floating tensor, and the largest
@@ -20,8 +21,8 @@ import tempfile
 from pathlib import Path
 
 import common  # noqa: F401  (puts the repository root on sys.path)
-from common import (DEFAULT_CACHE, add_output_args, build_trainer, default_image_size, device, pad_classifier,
-                    report, synthetic_prepared, table)
+from common import (DEFAULT_CACHE, add_output_args, build_trainer, default_image_size, device, inductor,
+                    pad_classifier, report, synthetic_prepared, table)
 
 from utils.cli import ArgumentParser  # noqa: E402
 
@@ -29,13 +30,15 @@ HEADING = "## 10. Captured vs eager training step"
 
 
 def train(config: str, data: Path, run: Path, ckpt1: Path, overrides: dict, steps: int, weights_at: int,
-          emulate: bool):
+          emulate: bool, compiled: bool = False):
     """(per-step loss terms, weights after ``weights_at`` steps, weights at the end)."""
     import torch
 
     from engine.step import EmulatedGraph
 
     trainer = build_trainer(config, 2, data, run, overrides, stage1_ckpt=ckpt1)
+    if compiled:
+        inductor(trainer)
     if emulate:  # CPU smoke test only: the captured mode's logic without CUDA
         trainer.stepper.mode, trainer.stepper.graph_factory = "cuda_graph", EmulatedGraph
     trainer.model.train()
@@ -75,6 +78,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--weights-at", type=int, default=20, help="compare the weights after this many steps too")
     ap.add_argument("--config", default="configs/flickr30k_stage{stage}.yaml")
+    ap.add_argument("--dropout", type=float, default=None, help="config override (default: the config's); 0 takes "
+                    "the random masks out of the comparison (inductor draws its own)")
+    ap.add_argument("--inductor", action="store_true", help="also captured with the two CNNs compiled by inductor "
+                    "(bench/common.py inductor(), the experiment of train_throughput.py --compile inductor)")
     ap.add_argument("--train-images", type=int, default=4096, help="synthetic training images = classes")
     ap.add_argument("--classifier-classes", type=int, default=29783, help="rows of the shared W (Flickr30k's)")
     ap.add_argument("--image-size", type=int, default=None, help="synthetic prepared size (default from the crop)")
@@ -91,6 +98,8 @@ def main() -> None:
     base = load_config(common.config_path(args.config, 2), {}, stage=2)
     data = synthetic_prepared(args.train_images, args.image_size or default_image_size(base.train_crop), args.cache)
     overrides = {"pretrained": "none", "workers": base.workers if cuda else 0}
+    if args.dropout is not None:
+        overrides["dropout"] = args.dropout
     runs = {}
     with tempfile.TemporaryDirectory(prefix="bench_parity_") as tmp, pad_classifier(args.classifier_classes):
         t1 = build_trainer(args.config, 1, data, Path(tmp) / "s1", {**overrides, "compile": "off"})
@@ -98,14 +107,16 @@ def main() -> None:
         t1.log.close()
         ckpt1 = Path(tmp) / "s1" / "checkpoint_last.pt"
         del t1
-        for name, mode in (("eager", "off"), ("eager again", "off"), ("captured", "cuda_graph")):
+        modes = [("eager", "off"), ("eager again", "off"), ("captured", "cuda_graph")]
+        for name, mode in modes + ([("captured + inductor", "inductor")] if args.inductor else []):
             runs[name] = train(args.config, data, Path(tmp) / name.replace(" ", "_"), ckpt1,
-                               {**overrides, "compile": mode if cuda else "off"}, args.steps, args.weights_at,
-                               emulate=mode == "cuda_graph" and not cuda)
+                               {**overrides, "compile": mode.replace("inductor", "cuda_graph") if cuda else "off"},
+                               args.steps, args.weights_at, emulate=mode != "off" and not cuda,
+                               compiled=mode == "inductor")
             print(f"{name}: last loss/total {runs[name][0][-1]['loss/total']:.4f}", flush=True)
     ref = runs["eager"]
     rows = []
-    for name in ("eager again", "captured"):
+    for name in list(runs)[1:]:
         curves, early, final = runs[name]
         for k in ref[0][0]:
             d = [abs(a[k] - b[k]) for a, b in zip(ref[0], curves)]
@@ -120,7 +131,8 @@ def main() -> None:
     title = (f"{Path(args.config.format(stage=2)).name} from one Stage I checkpoint, {args.steps} steps, "
              f"{'CUDA' if cuda else 'CPU (captured = emulated graph)'}")
     notes = [f"Data: {data} (synthetic, {args.train_images} classes; the shared W padded to "
-             f"{args.classifier_classes} rows); pretrained none; precision {base.precision}; dropout {base.dropout}; "
+             f"{args.classifier_classes} rows); pretrained none; precision {base.precision}; dropout "
+             f"{overrides.get('dropout', base.dropout)}; "
              f"seed {base.seed}. Each run starts from the same Stage I checkpoint and sees the same batches."]
     report(args, HEADING, title, notes, lines)
 

@@ -6,7 +6,8 @@ launch() {  # python script args... (torchrun when NGPU > 1)
 }
 step_prepare() {
   if [ -f "$PREPARED/manifest.json" ]; then echo "[prepare] $PREPARED is complete: skipped"; return; fi
-  echo "[prepare] -> $PREPARED"; prepare_data
+  echo "[prepare] -> $PREPARED"; local t0=$SECONDS; prepare_data
+  echo "[prepare] done in $((SECONDS - t0)) s"
 }
 step_train() {  # stage
   local stage=$1 cfg out init=()
@@ -14,15 +15,19 @@ step_train() {  # stage
   out="$RUNS/stage$stage"
   if [ -f "$out/train_done.json" ]; then echo "[stage $stage] $out is complete: skipped"; return; fi
   echo "[stage $stage] -> $out (resumes from $out/checkpoint_last.pt if present)"
+  local t0=$SECONDS
   launch "train_stage$stage.py" --config "$cfg" --data "$PREPARED" --out "$out" "${init[@]}" --resume auto \
     "${TRAIN_ARGS[@]}"
   [ -f "$out/train_done.json" ] || { echo "[stage $stage] stopped before the end; run this script again to resume"; exit 3; }
+  echo "[stage $stage] done in $((SECONDS - t0)) s"
 }
 step_evaluate() {  # stage [extra evaluate args...]
   local stage=$1; shift
   local out="$RUNS/stage$stage/results_test.json"
   if [ -f "$out" ] && [ "$out" -nt "$RUNS/stage$stage/checkpoint_last.pt" ]; then
     echo "[evaluate] $out is up to date: skipped"; return; fi
+  local t0=$SECONDS
   python evaluate.py --checkpoint "$RUNS/stage$stage/checkpoint_last.pt" --data "$PREPARED" --split test \
     --out "$out" "${EVAL_ARGS[@]}" "$@"
+  echo "[evaluate] stage $stage done in $((SECONDS - t0)) s"
 }

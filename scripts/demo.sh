@@ -32,8 +32,10 @@ prepare_data() {
 step_prepare
 if [ -f "$BACKBONE" ]; then echo "[backbone] $BACKBONE is complete: skipped"; else
   echo "[backbone] pretraining the image CNN on synthetic scenes and objects (the ImageNet stand-in) -> $BACKBONE"
+  T0=$SECONDS
   python -m prepare.synthetic_backbone --out "$BACKBONE" --exclude "$RAW/scenes.json" --arch resnet18 --size 64 \
     --seed "$SEED" || exit 1
+  echo "[backbone] done in $((SECONDS - T0)) s"
 fi
 step_train 1
 step_evaluate 1
