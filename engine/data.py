@@ -11,7 +11,6 @@ transfer, and the input convention travels with the checkpoint: ``models/image_c
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +20,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from prepare.images import original_crop_box  # spec 2.5's crop (prepare.synthetic_backbone cuts it too)
 from utils.cli import InvalidValue, UserError
 
 FORMAT_VERSION = 1
@@ -73,19 +73,6 @@ class Prepared:
 
 
 # ---------------------------------------------------------------------------------------------- image pipeline
-def original_crop_box(width: int, height: int, rng: np.random.Generator, out: int = 224
-                      ) -> tuple[float, float, float, float]:
-    """Spec 2.5 (vl_imreadjpeg 'CropSize',[0.8,1], 'CropAnisotropy',[3/4,4/3], random location): aspect A
-    log-uniform in [3/4, 4/3]; the crop shape (sqrt(A) : 1/sqrt(A)) scaled to the largest size that fits, then by s
-    with s^2 ~ U[0.64, 1] (64-100 % of the maximal area); position uniform. Returns the PIL box (x0, y0, x1, y1)."""
-    aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-    w0, h0 = math.sqrt(aspect), 1 / math.sqrt(aspect)
-    s = math.sqrt(rng.uniform(0.64, 1.0)) * min(width / w0, height / h0)
-    cw, ch = min(w0 * s, width), min(h0 * s, height)
-    x0, y0 = rng.uniform(0, width - cw), rng.uniform(0, height - ch)
-    return x0, y0, x0 + cw, y0 + ch
-
-
 def train_image(path: Path, rng: np.random.Generator, size: int) -> torch.Tensor:
     """Decode, crop (spec 2.5), resize to size x size bicubic, flip with p = 0.5. -> (3, size, size) uint8."""
     with Image.open(path) as im:

@@ -13,6 +13,7 @@ EXIF orientation is ignored, as MATLAB's imread (used by the original code) igno
 """
 from __future__ import annotations
 
+import math
 import signal
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -116,3 +117,16 @@ def resize_many(jobs: Sequence[tuple[str | Path, str | Path]], size: int, mode: 
         return sizes
     finally:
         bar.close()
+
+
+def original_crop_box(width: int, height: int, rng: np.random.Generator, out: int = 224
+                      ) -> tuple[float, float, float, float]:
+    """Spec 2.5 (vl_imreadjpeg 'CropSize',[0.8,1], 'CropAnisotropy',[3/4,4/3], random location): aspect A
+    log-uniform in [3/4, 4/3]; the crop shape (sqrt(A) : 1/sqrt(A)) scaled to the largest size that fits, then by s
+    with s^2 ~ U[0.64, 1] (64-100 % of the maximal area); position uniform. Returns the PIL box (x0, y0, x1, y1)."""
+    aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+    w0, h0 = math.sqrt(aspect), 1 / math.sqrt(aspect)
+    s = math.sqrt(rng.uniform(0.64, 1.0)) * min(width / w0, height / h0)
+    cw, ch = min(w0 * s, width), min(h0 * s, height)
+    x0, y0 = rng.uniform(0, width - cw), rng.uniform(0, height - ch)
+    return x0, y0, x0 + cw, y0 + ch

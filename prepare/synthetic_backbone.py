@@ -42,7 +42,7 @@ from PIL import Image
 from utils.cli import ArgumentParser, InvalidValue, run_guarded
 from utils.files import atomic_write, write_json
 
-from .images import target_size
+from .images import original_crop_box, target_size
 from .synthetic import BACKGROUNDS, COLOURS, GRID, SHAPES, SIZES, Shape, make_scenes, render, scene_identity
 
 if TYPE_CHECKING:
@@ -111,25 +111,13 @@ def make_pool(n: int, short_side: int, seed: int, exclude: set[tuple] = frozense
     return pool
 
 
-def crop_box(width: int, height: int, rng: np.random.Generator) -> tuple[float, float, float, float]:
-    """A crop as Stage I cuts its training crops (spec 2.5): aspect log-uniform in [3/4, 4/3], 64-100 % of the
-    largest such crop's area, uniform position. ``prepare`` cannot import ``engine.data``, whose
-    ``original_crop_box`` draws the same distribution (a test compares them)."""
-    aspect = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
-    w0, h0 = math.sqrt(aspect), 1 / math.sqrt(aspect)
-    s = math.sqrt(rng.uniform(0.64, 1.0)) * min(width / w0, height / h0)
-    cw, ch = min(w0 * s, width), min(h0 * s, height)
-    x0, y0 = rng.uniform(0, width - cw), rng.uniform(0, height - ch)
-    return x0, y0, x0 + cw, y0 + ch
-
-
 def scene_crop(scene: tuple[np.ndarray, str, list[PLACED]], size: int, rng: np.random.Generator,
                box: tuple[float, float, float, float] | None = None, flip: bool | None = None
                ) -> tuple[np.ndarray, np.ndarray]:
     """A (size, size, 3) crop of a pool scene (random unless ``box``/``flip`` are given) and its labels: the objects
     whose centre is inside, in the cells of the crop's own 3x3 grid (mirrored with the crop)."""
     arr, bg, objects = scene
-    x0, y0, x1, y1 = box if box is not None else crop_box(arr.shape[1], arr.shape[0], rng)
+    x0, y0, x1, y1 = box if box is not None else original_crop_box(arr.shape[1], arr.shape[0], rng)
     flip = bool(rng.random() < 0.5) if flip is None else flip
     out = np.asarray(Image.fromarray(arr).resize((size, size), Image.Resampling.BICUBIC, box=(x0, y0, x1, y1)))
     parts = []

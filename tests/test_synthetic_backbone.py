@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from engine.data import original_crop_box
+from prepare.images import original_crop_box
 from models import ImageCNN
 from prepare import synthetic as syn
 from prepare import synthetic_backbone as sb
@@ -49,12 +49,15 @@ def test_scene_crop_labels_follow_the_crop_and_its_flip() -> None:
     assert whole[160 + 1] == 1 and whole[163 + 3] == whole[163 + 5] == 1  # two objects, left and right
 
 
-def test_crop_box_draws_what_stage_one_draws() -> None:
-    """prepare cannot import engine: its copy of Stage I's crop must stay the same distribution (the same draws)."""
-    for seed in range(20):
-        w, h = (96, 72) if seed % 2 else (72, 108)
-        ours = sb.crop_box(w, h, np.random.default_rng(seed))
-        assert ours == pytest.approx(original_crop_box(w, h, np.random.default_rng(seed), 64))
+def test_scene_crop_draws_stage_ones_crop_then_the_flip() -> None:
+    """A random scene crop is Stage I's crop (spec 2.5, prepare.images.original_crop_box) then a fair flip, drawn
+    in that order from the generator: the same draws made by hand give the same pixels and labels."""
+    for seed in range(6):
+        drawn, y = sb.scene_crop(_scene(), 32, np.random.default_rng(seed))
+        rng = np.random.default_rng(seed)
+        box = original_crop_box(90, 72, rng)
+        by_hand, y2 = sb.scene_crop(_scene(), 32, rng, box=box, flip=bool(rng.random() < 0.5))
+        assert np.array_equal(drawn, by_hand) and np.array_equal(y, y2)
 
 
 def test_object_crop_centres_the_object() -> None:
