@@ -1,4 +1,4 @@
-"""Resize the raw images once into the prepared directory (spec 2.2-2.4, 2.5).
+"""Resize the raw images once into the prepared directory (spec 2.2-2.4); the training crop's box (spec 2.5).
 
 Flickr30k / MSCOCO: shorter side to S, aspect kept ("short_side"); CUHK-PEDES: S x S ("square").
 Pillow BICUBIC, RGB (grayscale / CMYK / palette converted), JPEG quality 95. Large JPEGs (at least 2x the
