@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The whole pipeline on the embedded synthetic dataset, on CPU, in minutes:
 # raw data -> prepare (+ the stand-in for an ImageNet backbone) -> Stage I -> Stage II -> evaluate, then the test
-# results table of both stages and the chance level.
+# results table of both stages, the chance level and the range of the measured seeds.
 # Usage: bash scripts/demo.sh [OUT_DIR]   (default runs/demo; delete it to start over)
 #        SEED=1 bash scripts/demo.sh runs/demo_seed1   (another draw of the synthetic data and backbone pool)
 source "$(dirname "${BASH_SOURCE[0]}")/_setup.sh"
@@ -45,3 +45,6 @@ echo
 echo "## Synthetic test split (50 images, 250 captions), data seed $SEED, $(( $(date +%s) - START )) s wall time"
 python evaluate.py --table "$RUNS/stage1/results_test.json" "$RUNS/stage2/results_test.json"
 echo "TensorBoard: tensorboard --logdir $OUT"
+echo "A working install lands at test rsum 340.0–452.4 after Stage I and 342.4–467.2 after Stage II, R@10 >= 64 in"
+echo "both directions (data seeds 0-4 on a fresh clone, 2026-12-04, 2-core CPU; docs/demo.md). Chance is rsum 62.3:"
+echo "a run near it is broken. The same seed moves by tens of rsum between machines (the text path's take-off is chaotic)."

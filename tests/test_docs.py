@@ -122,3 +122,20 @@ def test_converter_memory_figures_come_from_the_benchmark():
     measured = set(re.findall(r"\d[\d.,]*\d|\d", run))  # every number of the run's notes and table
     quoted = re.findall(r"(\d[\d.,]*) (?:MB|s\b|M parameters)", doc) + re.findall(r"(\d+\.\d+)×", doc)
     assert len(quoted) >= 6 and all(q in measured for q in quoted), (quoted, sorted(measured))
+
+
+def test_demo_range_is_the_measured_one_everywhere():
+    """The range scripts/demo.sh prints is the one README's range table shows and the min-max of docs/demo.md's
+    per-seed table (the measured runs), for each stage."""
+    printed = re.search(r"test rsum (\d+\.\d)–(\d+\.\d) after Stage I and (\d+\.\d)–(\d+\.\d) after Stage II",
+                        read("scripts/demo.sh"))
+    assert printed, "scripts/demo.sh no longer prints the measured range"
+    ranges = {"Stage I": printed.group(1, 2), "Stage II": printed.group(3, 4)}
+    readme = read("README.md")
+    per_seed = re.findall(r"^\| (\d) \| [^|]+ \| [^|]+ \| ([\d.]+) \| [^|]+ \| [^|]+ \| ([\d.]+) \| \d+ \|$",
+                          read("docs/demo.md"), re.M)
+    assert sorted(int(s) for s, _, _ in per_seed) == [0, 1, 2, 3, 4]
+    for col, (stage, (lo, hi)) in enumerate(ranges.items(), start=1):
+        assert re.search(rf"^\| {stage} \|.*\| {lo}–{hi} \|$", readme, re.M), (stage, lo, hi)
+        values = [float(row[col]) for row in per_seed]
+        assert (f"{min(values):.1f}", f"{max(values):.1f}") == (lo, hi), (stage, values)
