@@ -39,7 +39,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 from PIL import Image
 
-from utils.cli import ArgumentParser, InvalidValue, run_guarded
+from utils.cli import ArgumentParser, InvalidValue, resolve_device, run_guarded
 from utils.files import atomic_write, write_json
 
 from .images import original_crop_box, target_size
@@ -244,19 +244,6 @@ def pretrain(out: str | Path, arch: str = "resnet18", size: int = 64, images: in
               "heldout": heldout_accuracy(net, held_pool, size, dev), "seconds": round(time.time() - t0, 1)}
     _write(net, result, Path(out))
     return result
-
-
-def resolve_device(device: str) -> torch.device:
-    """auto -> the GPU when there is one; cpu / cuda / cuda:N as given, when it exists (else InvalidValue)."""
-    import torch
-
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device != "cpu" and not (device == "cuda" or device.startswith("cuda:") and device[5:].isdigit()):
-        raise InvalidValue(f"--device {device}: expected auto, cpu, cuda or cuda:N")
-    if device != "cpu" and not torch.cuda.is_available():
-        raise InvalidValue(f"--device {device}: CUDA is not available here (use --device cpu or auto)")
-    return torch.device(device)
 
 
 def recalibrate_bn(net: torch.nn.Module, pool: list, size: int, batch: int, rng: np.random.Generator,

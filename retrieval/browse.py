@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import Sequence
 
-from utils.cli import ArgumentParser, UserError, check_model_inputs, fail
+from utils.cli import ArgumentParser, UserError, check_model_inputs, fail, resolve_device
 
 from .search import add_encoding_args
 
@@ -82,10 +82,9 @@ def load_index(args: argparse.Namespace):
 
     from .browse_index import default_split_cache, from_folder, from_split
     from .cache import checkpoint_key, default_caption_cache, default_image_cache
-    from .search import _resolve_device
 
     data = Prepared(args.data)
-    device = _resolve_device(args.device)
+    device = resolve_device(args.device)
     try:
         model, _ = load_model(args.checkpoint, data, device)
     except RuntimeError as e:  # unreadable file, or weights that do not fit the rebuilt network

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Sequence
 
-from utils.cli import ArgumentParser, UserError, check_model_inputs, run_guarded
+from utils.cli import ArgumentParser, UserError, check_model_inputs, resolve_device, run_guarded
 
 if TYPE_CHECKING:
     import torch
@@ -102,21 +102,6 @@ def add_encoding_args(p: argparse.ArgumentParser, batch_size: int) -> None:
                    help="images per forward pass (default: %(default)s)")
 
 
-def _resolve_device(name: str) -> torch.device:
-    import torch
-
-    from .index import SearchError
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise SearchError(f"--device {name!r}: expected auto, cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SearchError(f"--device {name}: CUDA is not available here (use --device cpu)")
-    return dev
-
-
 def check_args(args: argparse.Namespace) -> None:
     """The checks that need no model (nor torch): a mistake here costs no import time. Raises UserError."""
     if not args.query and not args.image:
@@ -151,7 +136,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     resize = data.manifest["image_resize"]
     for img in args.image:  # a file that is no image is refused here, not after the captions are encoded
         load_image(img, int(resize["size"]), resize["mode"])
-    device = _resolve_device(args.device)
+    device = resolve_device(args.device)
     model, _ = load_model(args.checkpoint, data, device)  # CheckpointError / CheckpointMismatch name the file
     ckey = checkpoint_key(args.checkpoint)
     vocab = vocabulary(data)

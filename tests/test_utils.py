@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from utils.cli import InvalidValue, resolve_device
 from utils.files import atomic_dir, atomic_write, write_json
 from utils.vectors import l2_normalize, top_indices, unit_rows
 
@@ -75,3 +76,18 @@ def test_top_indices_best_first_ties_by_lower_index():
     r = rng.integers(0, 5, 200).astype(np.float32)  # many ties
     for k in (1, 7, 50, 200):
         assert top_indices(r, k).tolist() == np.argsort(-r, kind="stable")[:k].tolist()
+
+
+def test_resolve_device_is_the_one_device_rule():
+    """auto follows the machine, cpu is always there, anything else than cpu / cuda / cuda:N is refused naming the
+    flag, and cuda where there is none is refused (retrieval.search, retrieval.browse and the demo's backbone)."""
+    assert resolve_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == torch.device("cpu")
+    for bad in ("gpu0", "cuda:x", "cuda:", ""):
+        with pytest.raises(InvalidValue, match="--device .*expected auto, cpu, cuda or cuda:N"):
+            resolve_device(bad)
+    if not torch.cuda.is_available():
+        for name in ("cuda", "cuda:1"):
+            with pytest.raises(InvalidValue, match="CUDA is not available"):
+                resolve_device(name)
+

@@ -13,7 +13,8 @@ bench/*.py), in one place. See docs/cli.md.
 - Ctrl-C: one line on stderr, exit status 130.
 
 This module is in ``utils/``, the leaf package every layer may import (the models raise ``InvalidValue`` too); it
-imports nothing but the standard library.
+imports nothing but the standard library at import time (``resolve_device``, the one ``--device`` rule, imports torch
+when it is called).
 """
 from __future__ import annotations
 
@@ -71,6 +72,20 @@ def run_guarded(body: Callable[[], int | None], errors: tuple[type[BaseException
         print(interrupted, file=sys.stderr)
         return INTERRUPT_EXIT
     return 0 if rc is None else rc
+
+
+def resolve_device(name: str):
+    """A ``--device`` value -> ``torch.device``: auto = the GPU when there is one, else the CPU; cpu, cuda or cuda:N as
+    given, when this machine has it. Raises InvalidValue otherwise. (torch is imported here, after parsing.)"""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name != "cpu" and not (name == "cuda" or name.startswith("cuda:") and name[5:].isdigit()):
+        raise InvalidValue(f"--device {name}: expected auto, cpu, cuda or cuda:N")
+    if name != "cpu" and not torch.cuda.is_available():
+        raise InvalidValue(f"--device {name}: CUDA is not available here (use --device cpu or auto)")
+    return torch.device(name)
 
 
 def check_model_inputs(checkpoint, data) -> None:
