@@ -77,7 +77,7 @@ def train_image(path: Path, rng: np.random.Generator, size: int) -> torch.Tensor
     """Decode, crop (spec 2.5), resize to size x size bicubic, flip with p = 0.5. -> (3, size, size) uint8."""
     with Image.open(path) as im:
         im = im.convert("RGB")
-        box = original_crop_box(im.width, im.height, rng, size)
+        box = original_crop_box(im.width, im.height, rng)
         im = im.resize((size, size), Image.Resampling.BICUBIC, box=box)
     arr = np.asarray(im)
     if rng.random() < 0.5:

@@ -119,8 +119,7 @@ def resize_many(jobs: Sequence[tuple[str | Path, str | Path]], size: int, mode: 
         bar.close()
 
 
-def original_crop_box(width: int, height: int, rng: np.random.Generator, out: int = 224
-                      ) -> tuple[float, float, float, float]:
+def original_crop_box(width: int, height: int, rng: np.random.Generator) -> tuple[float, float, float, float]:
     """Spec 2.5 (vl_imreadjpeg 'CropSize',[0.8,1], 'CropAnisotropy',[3/4,4/3], random location): aspect A
     log-uniform in [3/4, 4/3]; the crop shape (sqrt(A) : 1/sqrt(A)) scaled to the largest size that fits, then by s
     with s^2 ~ U[0.64, 1] (64-100 % of the maximal area); position uniform. Returns the PIL box (x0, y0, x1, y1)."""

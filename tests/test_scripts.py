@@ -34,3 +34,26 @@ def test_flickr8k_script_runs_every_stage_then_skips(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     for what in ("[prepare]", "[stage 1]", "[stage 2]", "[evaluate]"):
         assert any(what in line and "skipped" in line for line in second.stdout.splitlines()), what
+
+
+def test_demo_refuses_a_folder_of_another_seed_or_an_older_recipe(tmp_path):
+    """scripts/demo.sh skips every step whose output exists, so an OUT_DIR holding another seed's demo, or a demo of
+    the previous recipe (no demo_recipe file), must be refused before anything is written, not silently reused."""
+    def demo(out: Path, seed: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["bash", "scripts/demo.sh", str(out)], cwd=ROOT, env=dict(os.environ, SEED=seed),
+                              capture_output=True, text=True, timeout=120)
+
+    other_seed = tmp_path / "seed1"
+    other_seed.mkdir()
+    (other_seed / "demo_seed").write_text("1\n")
+    (other_seed / "demo_recipe").write_text("2\n")
+    r = demo(other_seed, "0")
+    assert r.returncode == 2 and "holds the demo of data seed 1, not 0" in r.stderr, r.stderr
+    older = tmp_path / "recipe1"
+    older.mkdir()
+    (older / "demo_seed").write_text("0\n")  # a demo of recipe 1 wrote no demo_recipe
+    r = demo(older, "0")
+    assert r.returncode == 2 and "older recipe" in r.stderr, r.stderr
+    for folder, files in ((other_seed, {"demo_seed", "demo_recipe"}), (older, {"demo_seed"})):
+        assert {p.name for p in folder.iterdir()} == files  # nothing written, nothing overwritten
+    assert (older / "demo_seed").read_text() == "0\n" and (other_seed / "demo_seed").read_text() == "1\n"
