@@ -5,6 +5,9 @@
     # a checkpoint on a prepared split, with the test-time augmentation of spec 8.1
     python evaluate.py --checkpoint runs/f30k/stage2/checkpoint_last.pt --data data/flickr30k --split test \\
         --out runs/f30k/stage2/results_test.json [--compare-paper flickr30k/resnet50/stage2] [--visualize 5]
+    # the demo's protocol: the mean over 5 folds of 50 test images (MSCOCO 1K's rule at a small size)
+    python evaluate.py --checkpoint runs/demo/stage2/checkpoint_last.pt --data runs/demo/prepared --folds 5 \
+        --out runs/demo/stage2/results_test.json
     # print several results files side by side (the demo's, as scripts/demo.sh writes them)
     python evaluate.py --table runs/demo/stage1/results_test.json runs/demo/stage2/results_test.json
 
@@ -41,8 +44,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     src.add_argument("--table", nargs="+", metavar="RESULTS_JSON", help="print results files side by side")
     p.add_argument("--data", help="prepared directory (with --checkpoint)")
     p.add_argument("--split", default="test", choices=("val", "test"), help="split to encode (default: test)")
-    p.add_argument("--coco-1k", action="store_true",
-                   help="MSCOCO 1K protocol: mean over 5 folds of 1,000 consecutive images with their own captions")
+    folds = p.add_mutually_exclusive_group()
+    folds.add_argument("--coco-1k", action="store_true",
+                       help="MSCOCO 1K protocol: mean over 5 folds of 1,000 consecutive images with their own "
+                            "captions (= --folds 5 on the 5,000 test images)")
+    folds.add_argument("--folds", type=int, default=None, metavar="K",
+                       help="mean over K equal folds of consecutive images, each with only its own images' captions "
+                            "(the demo: 5 folds of 50 test images); default: the whole split at once")
     p.add_argument("--first-k", type=int, default=None, metavar="K",
                    help="use only the first K captions of each image (COCO's usual 5; default: all, as the "
                         "original code)")
@@ -59,6 +67,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "autocast; auto: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     args = p.parse_args(argv)
+    if args.coco_1k:
+        args.folds = 5
+    if args.folds is not None and args.folds < 2:
+        p.error(f"--folds {args.folds}: expected an integer >= 2 (without --folds: the whole split at once)")
     if args.checkpoint and not args.data:
         p.error("--checkpoint needs --data PREPARED_DIR")
     for flag, value in (("--visualize", args.visualize), ("--save-embeddings", args.save_embeddings)):
@@ -117,26 +129,28 @@ def check_paper_row(row: str) -> None:
         raise UserError(f"--compare-paper {row}: not a row of {DEFAULT_PATH}; available rows: {list(rows)}")
 
 
-def protocol_name(dataset: str, split: str, n_images: int, coco_1k: bool, first_k: int | None) -> str:
+def protocol_name(dataset: str, split: str, n_images: int, folds: int | None, first_k: int | None) -> str:
     """Names shared with configs/paper_results.yaml, so a results file is never compared with the wrong row."""
     caps = "" if first_k is None else f"-first{first_k}caps"
-    if dataset == "coco" and split == "test":
-        return ("coco-1k" if coco_1k else "coco-5k" if n_images == 5000 else f"coco-{n_images}img") + caps
-    if dataset == "cuhk_pedes" and split == "test":
+    if dataset == "coco" and split == "test" and n_images == 5000 and folds in (None, 5):
+        return ("coco-1k" if folds == 5 else "coco-5k") + caps
+    if folds is None and dataset == "coco" and split == "test":
+        return f"coco-{n_images}img" + caps
+    if folds is None and dataset == "cuhk_pedes" and split == "test":
         return "cuhk-pedes-test"
-    if dataset in ("flickr30k", "flickr8k") and n_images == 1000:
+    if folds is None and dataset in ("flickr30k", "flickr8k") and n_images == 1000:
         return f"{dataset}-1k-{split}"
-    return f"{dataset}-{n_images}img-{split}" + ("-5fold" if coco_1k else "") + caps
+    return f"{dataset}-{n_images}img-{split}" + (f"-{folds}fold" if folds else "") + caps
 
 
-def score(feats: dict, coco_1k: bool, directions: tuple[str, ...]) -> dict:
+def score(feats: dict, folds: int | None, directions: tuple[str, ...]) -> dict:
     import torch
 
-    from engine.metrics import evaluate_coco_1k, evaluate_retrieval
+    from engine.metrics import evaluate_folds, evaluate_retrieval
     t = {k: torch.as_tensor(np.asarray(feats[k])) for k in ("images", "texts", "image_labels", "text_labels")}
     args = (t["images"].float(), t["texts"].float(), t["image_labels"], t["text_labels"])
-    if coco_1k:
-        return evaluate_coco_1k(*args)
+    if folds:
+        return evaluate_folds(*args, folds=folds, directions=directions)
     return evaluate_retrieval(*args, directions=directions)
 
 
@@ -166,7 +180,8 @@ def from_checkpoint(args: argparse.Namespace) -> tuple[dict, dict]:
 
 def print_table(paths: list[str]) -> str:
     """Results files side by side, then the chance level of each split size they were measured on (a split of N
-    images with c captions each; not for fold-averaged results)."""
+    images with c captions each; for fold-averaged results, one fold's size: the chance of the mean is the mean of
+    equal chances)."""
     rows: list[str] = []
     sizes: dict[tuple[int, int], None] = {}
     for p in paths:
@@ -179,8 +194,9 @@ def print_table(paths: list[str]) -> str:
         label = f"{r.get('dataset', '?')} stage {r.get('stage', '?')} ({r.get('protocol', r.get('split', '?'))})"
         rows.append(table_row(label, r))
         n, m = r.get("num_images"), r.get("num_texts")
-        if isinstance(n, int) and isinstance(m, int) and n > 0 and m % n == 0 and "folds" not in r:
-            sizes.setdefault((n, m // n), None)
+        k = len(r["folds"]) if isinstance(r.get("folds"), list) else 1
+        if isinstance(n, int) and isinstance(m, int) and n > 0 and m % n == 0 and k > 0 and n % k == 0:
+            sizes.setdefault((n // k, m // n), None)
     from engine.chance import chance_level  # torch-free
     for n, c in sizes:  # what a model that ranks at random scores on each split size
         rows.append(table_row(f"chance ({n} images, {c} captions each)", chance_level(n, c)))
@@ -224,15 +240,15 @@ def run(args: argparse.Namespace) -> int:
         directions = ("t2i",) if meta.get("match") == "person" else ("i2t", "t2i")
     n_img = len(feats["images"])
     try:
-        results = score(feats, args.coco_1k, directions)
-    except UserError as e:  # labels without a match, --coco-1k on a size that is not 5 folds of 1,000
+        results = score(feats, args.folds, directions)
+    except UserError as e:  # labels without a match, --folds / --coco-1k on a size that is not K equal folds
         source = (f"--embeddings {args.embeddings}" if args.embeddings
                   else f"--checkpoint {args.checkpoint} on {args.data}")
         raise UserError(f"{source}: {e}") from None
     results.update(meta, split=args.split if args.checkpoint else None, num_images=n_img,
                    num_texts=len(feats["texts"]),
                    captions=("all" if args.first_k is None else f"first {args.first_k}"),
-                   protocol=protocol_name(meta["dataset"], args.split, n_img, args.coco_1k, args.first_k))
+                   protocol=protocol_name(meta["dataset"], args.split, n_img, args.folds, args.first_k))
     print(print_table_from(results))
     if args.compare_paper:
         from engine.paper import compare_with_paper

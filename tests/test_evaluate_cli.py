@@ -1,4 +1,4 @@
-"""evaluate.py end to end: the npz entry point, --coco-1k, a checkpoint on a prepared split with --visualize and
+"""evaluate.py end to end: the npz entry point, --coco-1k and --folds, a checkpoint on a prepared split with --visualize and
 --compare-paper, and --table. Reuses the tiny hand-written prepared directory and checkpoint of
 test_visualize_search.py."""
 from __future__ import annotations
@@ -81,6 +81,40 @@ def test_npz_coco_1k_folds(tmp_path):
     assert got["folds"][0]["i2t"]["R@1"] == pytest.approx(first["i2t"]["R@1"])
 
 
+def test_npz_folds_are_means_of_consecutive_folds_and_the_table_gives_one_folds_chance(tmp_path):
+    feats = planted(12, [5] * 12, seed=3, noise=1.2)  # noisy enough that the folds differ from the whole set
+    np.savez(tmp_path / "f.npz", **feats)
+    proc = run("--embeddings", str(tmp_path / "f.npz"), "--folds", "3", "--out", str(tmp_path / "r.json"))
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads((tmp_path / "r.json").read_text())
+    assert got["protocol"] == "embeddings-12img-test-3fold"
+    assert len(got["folds"]) == 3
+    t = {k: torch.from_numpy(v) for k, v in feats.items()}
+    for f in range(3):  # fold f = images 4f..4f+3 and only their captions, scored by the metric core
+        img = slice(4 * f, 4 * f + 4)
+        keep = (t["text_labels"] >= 4 * f) & (t["text_labels"] < 4 * f + 4)
+        want = evaluate_retrieval(t["images"][img], t["texts"][keep], t["image_labels"][img], t["text_labels"][keep])
+        assert got["folds"][f]["rsum"] == pytest.approx(want["rsum"])
+    assert got["rsum"] == pytest.approx(np.mean([f["rsum"] for f in got["folds"]]))
+    whole = evaluate_retrieval(*(t[k] for k in ("images", "texts", "image_labels", "text_labels")))
+    assert got["rsum"] != pytest.approx(whole["rsum"])
+    # the chance row of a fold-averaged result is that of one fold (4 images, 5 captions each), not of 12 images
+    table = run("--table", str(tmp_path / "r.json"))
+    chance = [line for line in table.stdout.splitlines() if line.startswith("| chance")]
+    assert len(chance) == 1 and chance[0].startswith("| chance (4 images, 5 captions each) | 25.0 |"), table.stdout
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--folds", "1"], "--folds 1: expected an integer >= 2"),
+    (["--folds", "5"], "12 images cannot be cut into 5 equal folds"),
+    (["--folds", "3", "--coco-1k"], "not allowed with argument"),
+])
+def test_bad_folds_are_one_line_errors(tmp_path, args, message):
+    np.savez(tmp_path / "f.npz", **planted(12, [5] * 12))
+    proc = run("--embeddings", str(tmp_path / "f.npz"), *args)
+    assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
 def test_checkpoint_evaluation_visualize_compare_and_table(checkpoint, prepared, tmp_path):  # noqa: F811
     out = tmp_path / "res" / "results.json"
     proc = run("--checkpoint", str(checkpoint), "--data", str(prepared), "--split", "test", "--out", str(out),
@@ -117,12 +151,12 @@ def test_checkpoint_evaluation_visualize_compare_and_table(checkpoint, prepared,
 def test_protocol_names_match_paper_rows():
     from engine.paper import load_paper_rows
     protocols = {row["protocol"] for row in load_paper_rows().values()}
-    assert evaluate.protocol_name("flickr30k", "test", 1000, False, None) in protocols
-    assert evaluate.protocol_name("flickr30k", "val", 1000, False, None) in protocols
-    assert evaluate.protocol_name("coco", "test", 5000, False, None) in protocols
-    assert evaluate.protocol_name("coco", "test", 5000, True, None) in protocols
-    assert evaluate.protocol_name("cuhk_pedes", "test", 3074, False, None) in protocols
-    assert evaluate.protocol_name("coco", "test", 5000, False, 5) not in protocols  # first-5 is a different row
+    assert evaluate.protocol_name("flickr30k", "test", 1000, None, None) in protocols
+    assert evaluate.protocol_name("flickr30k", "val", 1000, None, None) in protocols
+    assert evaluate.protocol_name("coco", "test", 5000, None, None) in protocols
+    assert evaluate.protocol_name("coco", "test", 5000, 5, None) in protocols
+    assert evaluate.protocol_name("cuhk_pedes", "test", 3074, None, None) in protocols
+    assert evaluate.protocol_name("coco", "test", 5000, None, 5) not in protocols  # first-5 is a different row
 
 
 def test_checkpoint_needs_data():

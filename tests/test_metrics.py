@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from engine.chance import chance_level
-from engine.metrics import (_GreaterCounter, evaluate_coco_1k, evaluate_retrieval, rank_of_first_match,
+from engine.metrics import (_GreaterCounter, evaluate_folds, evaluate_retrieval, rank_of_first_match,
                             recall_metrics, retrieval_ranks)
 
 
@@ -173,12 +173,12 @@ def test_identity_labels_several_correct_images():
     assert_same(evaluate_retrieval(images, texts_all, il, tl_all), brute_evaluate(images, texts_all, il, tl_all))
 
 
-def test_coco_1k_folds_vs_brute_force():
+def test_folds_vs_brute_force():
     counts = torch.randint(5, 8, (50,), generator=torch.Generator().manual_seed(9))
     images, texts, il, tl = planted(50, counts, 12, 1.2, seed=10)
     perm = torch.randperm(len(texts), generator=torch.Generator().manual_seed(11))
     texts, tl = texts[perm], tl[perm]
-    res = evaluate_coco_1k(images, texts, il, tl, folds=5)
+    res = evaluate_folds(images, texts, il, tl, folds=5)
     folds = []
     for f in range(5):
         keep = (tl >= 10 * f) & (tl < 10 * (f + 1))
@@ -192,7 +192,12 @@ def test_coco_1k_folds_vs_brute_force():
     # not the whole-set evaluation (first-fold-only or 5K would differ)
     assert res["i2t"]["R@1"] != evaluate_retrieval(images, texts, il, tl)["i2t"]["R@1"]
     with pytest.raises(ValueError, match="equal folds"):
-        evaluate_coco_1k(images[:49], texts, il[:49], tl, folds=5)
+        evaluate_folds(images[:49], texts, il[:49], tl, folds=5)
+    # one direction (CUHK-PEDES): the t2i fold means alone, rsum over its three recalls
+    t2i = evaluate_folds(images, texts, il, tl, folds=5, directions=("t2i",))
+    assert "i2t" not in t2i and t2i["rsum_directions"] == ["t2i"]
+    assert t2i["t2i"] == pytest.approx(mean["t2i"])
+    assert t2i["rsum"] == pytest.approx(sum(mean["t2i"][k] for k in ("R@1", "R@5", "R@10")))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

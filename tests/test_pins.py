@@ -184,9 +184,9 @@ def test_caffe_style_normalisation_by_hand():
 def test_coco_protocol_names_keep_all_captions_and_first_5_apart():
     from engine.paper import compare_with_paper
     from evaluate import protocol_name
-    assert protocol_name("coco", "test", 5000, False, None) == "coco-5k"  # all captions = the paper's
-    assert protocol_name("coco", "test", 5000, False, 5) == "coco-5k-first5caps"
-    assert protocol_name("coco", "test", 5000, True, 5) == "coco-1k-first5caps"
+    assert protocol_name("coco", "test", 5000, None, None) == "coco-5k"  # all captions = the paper's
+    assert protocol_name("coco", "test", 5000, None, 5) == "coco-5k-first5caps"
+    assert protocol_name("coco", "test", 5000, 5, 5) == "coco-1k-first5caps"
     md = compare_with_paper({"i2t": {"R@1": 40.0}, "split": "test", "protocol": "coco-5k-first5caps"},
                             "coco/resnet50/stage2/5k")
     assert "WARNING: our protocol is 'coco-5k-first5caps'" in md

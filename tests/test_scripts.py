@@ -54,6 +54,13 @@ def test_demo_refuses_a_folder_of_another_seed_or_an_older_recipe(tmp_path):
     (older / "demo_seed").write_text("0\n")  # a demo of recipe 1 wrote no demo_recipe
     r = demo(older, "0")
     assert r.returncode == 2 and "older recipe" in r.stderr, r.stderr
-    for folder, files in ((other_seed, {"demo_seed", "demo_recipe"}), (older, {"demo_seed"})):
+    recipe2 = tmp_path / "recipe2"  # 50 test images where recipe 3 scores 250 in 5 folds
+    recipe2.mkdir()
+    (recipe2 / "demo_seed").write_text("0\n")
+    (recipe2 / "demo_recipe").write_text("2\n")
+    r = demo(recipe2, "0")
+    assert r.returncode == 2 and "older recipe" in r.stderr, r.stderr
+    for folder, files in ((other_seed, {"demo_seed", "demo_recipe"}), (older, {"demo_seed"}),
+                          (recipe2, {"demo_seed", "demo_recipe"})):
         assert {p.name for p in folder.iterdir()} == files  # nothing written, nothing overwritten
     assert (older / "demo_seed").read_text() == "0\n" and (other_seed / "demo_seed").read_text() == "1\n"
