@@ -111,7 +111,7 @@ def main() -> None:
     data_dir = prepared_split(args.cache, args.test_images)
     ckpt = demo_checkpoint(data_dir, args.cache / "browse_demo_random" / "checkpoint.pt")
     load_args = Namespace(checkpoint=ckpt, data=data_dir, split="test", images=None, top_k=10, no_cache=False,
-                          device="cpu", precision="auto", batch_size=64)
+                          device="cpu", precision="auto", batch_size=64, fold=None)
     if args.encode == "all":
         t0 = time.perf_counter()
         index = browse.load_index(load_args)

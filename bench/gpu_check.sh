@@ -9,7 +9,8 @@
 #            29,783 classes), ResNet-50 and VGG-19 (MSCOCO, 113,287), ResNet-50 and VGG-16 (CUHK-PEDES, 11,003);
 #            ROWS="coco_vgg19:113287 ..." (config prefix:classes) measures only those;
 # inductor:  an experiment (not in all): the ResNet-50 recipes at batch 32, captured, with and without the two CNNs
-#            compiled by torch.compile's inductor inside the captured step;
+#            compiled by torch.compile's inductor inside the captured step; then one batch's gradients per module,
+#            eager TF32 off / on / inductor (bench/graph_parity.py --one-step: is inductor's drift rounding?);
 # demo:      scripts/demo.sh end to end, timed.
 # Tables are appended to DIR/BENCHMARKS.md (default: the repository's BENCHMARKS.md), logs to DIR/*.log. Runs with
 # the python on PATH (or .venv's); a failing part does not stop the others; exit 1 if any failed.
@@ -70,7 +71,8 @@ for part in "${PARTS[@]}"; do
       done ;;
     inductor)
       wait $DATA_PID
-      run inductor_b32 300 "${TT[@]}" --steps 40 --warmup 12 --batch-size 32 --compile cuda_graph inductor ;;
+      run inductor_b32 300 "${TT[@]}" --steps 40 --warmup 12 --batch-size 32 --compile cuda_graph inductor
+      run inductor_grads 200 "$PY" bench/graph_parity.py --one-step --inductor --output "$MD" ;;
     demo)
       run demo 240 bash -c "time bash scripts/demo.sh runs/demo_gpu" ;;
   esac

@@ -10,9 +10,16 @@ Reported: per loss term the largest and the mean absolute difference between the
 captured); the relative difference of all weights (||a - b|| / ||a|| over every floating tensor, and the largest
 per-tensor value) after --weights-at steps and at the end.
 
+--one-step asks instead whether a difference is rounding: ONE batch (negatives mined once, dropout 0), the gradients
+of the Stage II loss, per module, computed several ways: eager fp32 with TF32 off (the reference: full fp32 matmuls
+and convolutions), eager with TF32 on (the recipe's default: a change of rounding only, the yardstick), eager TF32
+on again (the run-to-run floor) and, with --inductor, the CNNs compiled by inductor (TF32 on). Each is reported as
+||g - g_ref|| / ||g_ref|| per module with ||g_ref||; a difference far above TF32's on a module is not rounding.
+
     .venv/bin/python bench/graph_parity.py                    # CUDA: 200 steps, weights after 20
     .venv/bin/python bench/graph_parity.py --steps 6 --weights-at 3 --train-images 128 --no-write   # smoke (CPU:
     #   the captured run is then the emulated graph of the tests)
+    .venv/bin/python bench/graph_parity.py --one-step --inductor       # CUDA: is inductor's drift rounding?
 """
 from __future__ import annotations
 
@@ -27,6 +34,7 @@ from common import (DEFAULT_CACHE, add_output_args, build_trainer, default_image
 from utils.cli import ArgumentParser  # noqa: E402
 
 HEADING = "## 10. Captured vs eager training step"
+ONE_STEP_HEADING = "## 11. One step's gradients: rounding or not"
 
 
 def train(config: str, data: Path, run: Path, ckpt1: Path, overrides: dict, steps: int, weights_at: int,
@@ -73,6 +81,98 @@ def weight_diff(a: dict, b: dict) -> tuple[float, float, str]:
     return (num / den) ** 0.5, per[worst], worst
 
 
+def module_of(name: str) -> str:
+    """The group a parameter is reported under: its first two name components (image.backbone, text.blocks,
+    text.embed_bias, classifier.weight, ...)."""
+    return ".".join(name.split(".")[:2])
+
+
+def one_step_gradients(config: str, data: Path, run: Path, ckpt1: Path, overrides: dict, compiled: bool
+                       ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]], list[str]]:
+    """({mode: {module: ||g - g_ref|| / ||g_ref||}}, {mode: {loss term: value}}, the modes): one Stage II batch, the
+    gradients of its loss with the negatives mined once and the BN buffers restored before each computation."""
+    import torch
+
+    from engine.step import INPUTS
+    from models import total_loss
+
+    trainer = build_trainer(config, 2, data, run, {**overrides, "compile": "off", "dropout": 0.0},
+                            stage1_ckpt=ckpt1)
+    cfg, step, module = trainer.cfg, trainer.stepper, trainer.module
+    x = {k: v.to(trainer.device) for k, v in trainer._next_batch().items() if k in INPUTS}
+    images = module.image.normalize(x["images"], step.channels_last)  # (B, 3, H, W)
+    tokens, text_labels = x["tokens"], x["text_labels"]
+    if step.mining:  # once, so that every mode sees the same negatives
+        h = images.shape[0] // 2
+        neg_tokens, neg_labels = step.mine(images, x["cand_tokens"], x["cand_labels"])
+        tokens, text_labels = tokens.clone(), text_labels.clone()
+        tokens[h:], text_labels[h:] = neg_tokens, neg_labels
+    buffers = {k: v.clone() for k, v in module.state_dict().items()}
+    names = [n for n, p in module.named_parameters() if p.requires_grad]
+    params = [p for _, p in module.named_parameters() if p.requires_grad]
+
+    def grads() -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        module.load_state_dict(buffers)
+        trainer.model.train()
+        out = trainer.model(images, tokens)
+        loss, terms = total_loss(out, x["labels"], text_labels, lambda_rank=step.lambda_rank,
+                                 lambda_img=cfg.lambda_img, lambda_txt=cfg.lambda_txt, margin=cfg.margin,
+                                 ranking=cfg.ranking_loss)
+        g = torch.autograd.grad(loss, params, allow_unused=True)
+        return ({n: (gi if gi is not None else torch.zeros_like(p)).detach().double() for n, gi, p in
+                 zip(names, g, params)}, {k: float(v) for k, v in terms.items()})
+
+    def tf32(on: bool) -> None:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on
+
+    before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+    results = {}
+    try:
+        for mode, on in (("eager, TF32 off (reference)", False), ("eager, TF32 on", True),
+                         ("eager, TF32 on, again", True)):
+            tf32(on)
+            results[mode] = grads()
+        if compiled:
+            tf32(True)
+            inductor(trainer)
+            grads()  # compiles
+            results["inductor, TF32 on"] = grads()
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+        trainer._iter = None
+        trainer.log.close()
+    ref = results["eager, TF32 off (reference)"][0]
+    groups: dict[str, list[str]] = {}
+    for n in names:
+        groups.setdefault(module_of(n), []).append(n)
+    rel: dict[str, dict[str, float]] = {"||g_ref||": {}}
+    for gname, members in groups.items():
+        rel["||g_ref||"][gname] = float(sum(ref[n].pow(2).sum() for n in members)) ** 0.5
+    for mode, (g, _) in results.items():
+        rel[mode] = {}
+        for gname, members in groups.items():
+            num = float(sum((g[n] - ref[n]).pow(2).sum() for n in members)) ** 0.5
+            rel[mode][gname] = num / max(rel["||g_ref||"][gname], 1e-30)
+    return rel, {mode: terms for mode, (_, terms) in results.items()}, list(results)
+
+
+def report_one_step(args: argparse.Namespace, data: Path, ckpt1: Path, overrides: dict, tmp: Path) -> None:
+    rel, terms, modes = one_step_gradients(args.config, data, tmp / "one_step", ckpt1, overrides, args.inductor)
+    compared = [m for m in modes if not m.endswith("(reference)")]
+    rows = [[g, f"{rel['||g_ref||'][g]:.3g}", *(f"{rel[m][g]:.2g}" for m in compared)] for g in rel["||g_ref||"]]
+    rows += [[f"loss/{k}", f"{v:.6g}", *(f"{terms[m][k] - v:+.2g}" for m in compared)]
+             for k, v in terms[modes[0]].items()]
+    lines = table(["module (parameters) / loss term", "||g_ref|| / reference value",
+                   *(f"{m}: rel. diff / diff" for m in compared)], rows, "l" + "r" * (1 + len(compared)))
+    title = f"{Path(args.config.format(stage=2)).name}, one batch from one Stage I checkpoint, {device().type}"
+    notes = [f"Data: {data} (synthetic, {args.train_images} classes; W padded to {args.classifier_classes} rows); "
+             "dropout 0; negatives mined once; BN buffers restored before each computation. Per module "
+             "||g - g_ref|| / ||g_ref||, the reference being eager fp32 with TF32 off; TF32 on is a change of "
+             "rounding only (the yardstick), 'again' the run-to-run floor. A group whose ||g_ref|| is near 0 (e.g. "
+             "text.embed_bias, whose gradient the BatchNorm after it cancels) has no meaningful relative difference."]
+    report(args, ONE_STEP_HEADING, title, notes, lines)
+
+
 def main() -> None:
     ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=200)
@@ -82,6 +182,8 @@ def main() -> None:
                     "the random masks out of the comparison (inductor draws its own)")
     ap.add_argument("--inductor", action="store_true", help="also captured with the two CNNs compiled by inductor "
                     "(bench/common.py inductor(), the experiment of train_throughput.py --compile inductor)")
+    ap.add_argument("--one-step", action="store_true", help="one batch's gradients per module, eager TF32 off vs "
+                    "on (vs inductor with --inductor), instead of the training curves (BENCHMARKS.md section 11)")
     ap.add_argument("--train-images", type=int, default=4096, help="synthetic training images = classes")
     ap.add_argument("--classifier-classes", type=int, default=29783, help="rows of the shared W (Flickr30k's)")
     ap.add_argument("--image-size", type=int, default=None, help="synthetic prepared size (default from the crop)")
@@ -107,6 +209,9 @@ def main() -> None:
         t1.log.close()
         ckpt1 = Path(tmp) / "s1" / "checkpoint_last.pt"
         del t1
+        if args.one_step:
+            report_one_step(args, data, ckpt1, overrides, Path(tmp))
+            return
         modes = [("eager", "off"), ("eager again", "off"), ("captured", "cuda_graph")]
         for name, mode in modes + ([("captured + inductor", "inductor")] if args.inductor else []):
             runs[name] = train(args.config, data, Path(tmp) / name.replace(" ", "_"), ckpt1,

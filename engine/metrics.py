@@ -30,7 +30,7 @@ from torch import Tensor
 from utils.cli import InvalidValue
 from utils.vectors import l2_normalize
 
-__all__ = ["rank_of_first_match", "retrieval_ranks", "recall_metrics", "evaluate_retrieval", "evaluate_folds",
+__all__ = ["rank_of_first_match", "retrieval_ranks", "recall_metrics", "evaluate_retrieval", "evaluate_folds", "fold_members",
            "DIRECTIONS", "DEFAULT_MAX_CHUNK_BYTES"]
 
 Labels = Union[Tensor, np.ndarray, Sequence[Any]]
@@ -277,6 +277,19 @@ def evaluate_retrieval(images: Tensor, texts: Tensor, image_labels: Labels, text
     return out
 
 
+def fold_members(image_labels: Labels, text_labels: Labels, folds: int, fold: int) -> tuple[slice, Tensor]:
+    """Fold ``fold`` (0-based) of ``folds`` equal folds of consecutive images: (the images' slice, (M,) bool mask of
+    the texts whose label is one of those images' labels). Raises InvalidValue when the images do not split evenly."""
+    n = len(image_labels)
+    if folds < 1 or n % folds:
+        raise InvalidValue(f"{n} images cannot be cut into {folds} equal folds")
+    if not 0 <= fold < folds:
+        raise InvalidValue(f"fold {fold} of {folds}: expected 0 to {folds - 1}")
+    size = n // folds
+    rows = slice(fold * size, (fold + 1) * size)
+    return rows, torch.isin(torch.as_tensor(text_labels), torch.as_tensor(image_labels)[rows])
+
+
 def evaluate_folds(images: Tensor, texts: Tensor, image_labels: Labels, text_labels: Labels, folds: int = 5, *,
                    normalize: bool = True, directions: Sequence[str] = DIRECTIONS,
                    chunk_size: int | None = None) -> dict[str, Any]:
@@ -291,13 +304,11 @@ def evaluate_folds(images: Tensor, texts: Tensor, image_labels: Labels, text_lab
     if len(gt) != len(texts) or len(gi) != n:
         raise ValueError(f"labels ({len(gi)}, {len(gt)}) do not match features ({n}, {len(texts)})")
     _check_all_matched(gt, gi, " (text→image: a caption without its image)")
-    size, per_fold = n // folds, []
+    per_fold = []
     for f in range(folds):
-        fold_gi = gi[f * size: (f + 1) * size]
-        keep = torch.isin(gt, fold_gi)  # (M,) this fold's captions
-        per_fold.append(evaluate_retrieval(images[f * size: (f + 1) * size], texts[keep.to(texts.device)], fold_gi,
-                                           gt[keep], normalize=normalize, directions=directions,
-                                           chunk_size=chunk_size))
+        rows, keep = fold_members(gi, gt, folds, f)  # this fold's images, (M,) mask of their captions
+        per_fold.append(evaluate_retrieval(images[rows], texts[keep.to(texts.device)], gi[rows], gt[keep],
+                                           normalize=normalize, directions=directions, chunk_size=chunk_size))
     dirs = [d for d in DIRECTIONS if d in per_fold[0]]
     out: dict[str, Any] = {d: {k: sum(r[d][k] for r in per_fold) / folds for k in per_fold[0][d]} for d in dirs}
     out["rsum"] = sum(v for d in dirs for k, v in out[d].items() if k.startswith("R@"))

@@ -36,6 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the prepared directory the model was trained on (dictionary, images, captions)")
     p.add_argument("--split", default="test", choices=("train", "val", "test"),
                    help="prepared split whose images and captions are browsed (default: %(default)s)")
+    p.add_argument("--fold", metavar="I/K", type=parse_fold,
+                   help="browse only fold I of K (1-based) of the split: its images cut into K equal folds of "
+                        "consecutive images, each with its own captions, as evaluate.py --folds K scores them (the "
+                        "demo: --fold 1/5, 50 of its 250 test images); the evaluation view shows that fold's numbers")
     p.add_argument("--images", type=Path, metavar="FOLDER",
                    help="browse this folder of .jpg/.jpeg/.png images (recursive) instead of the split's images; "
                         "the image view then ranks the split's captions; features are cached as in retrieval.search")
@@ -56,6 +60,17 @@ class BrowseStartError(UserError):
     """A user error found before serving (exit code 2)."""
 
 
+def parse_fold(text: str) -> tuple[int, int]:
+    """'I/K' -> (I - 1, K): fold I (1-based) of K >= 2."""
+    try:
+        i, k = (int(v) for v in text.split("/"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected I/K, fold I of K folds (e.g. 1/5)") from None
+    if k < 2 or not 1 <= i <= k:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected K >= 2 folds and I from 1 to K")
+    return i - 1, k
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Checks that need no torch: files exist, numbers are in range."""
     from .browse_limits import MAX_K
@@ -70,6 +85,8 @@ def check_args(args: argparse.Namespace) -> None:
         check_model_inputs(args.checkpoint, args.data)
     except UserError as e:
         raise BrowseStartError(str(e)) from None
+    if args.fold is not None and args.images is not None:
+        raise BrowseStartError("--fold selects images of the split; it cannot be combined with --images FOLDER")
     if args.images is not None and not args.images.is_dir():
         raise BrowseStartError(f"--images {args.images}: no such folder (expected a folder of .jpg/.jpeg/.png "
                                f"images)")
@@ -92,8 +109,12 @@ def load_index(args: argparse.Namespace):
     if args.images is None:
         if len(data.split_images(args.split)) == 0:
             raise BrowseStartError(f"--split {args.split}: {args.data} has no {args.split} images")
+        if args.fold is not None and len(data.split_images(args.split)) % args.fold[1]:
+            raise BrowseStartError(f"--fold {args.fold[0] + 1}/{args.fold[1]}: the {args.split} split of {args.data} "
+                                   f"has {len(data.split_images(args.split))} images, which do not cut into "
+                                   f"{args.fold[1]} equal folds")
         return from_split(model, data, args.split, device, top_k=args.top_k, precision=args.precision,
-                          batch_size=args.batch_size, source=str(args.checkpoint),
+                          batch_size=args.batch_size, source=str(args.checkpoint), fold=args.fold,
                           cache_key=checkpoint_key(args.checkpoint),
                           cache=None if args.no_cache else default_split_cache(args.checkpoint, data, args.split))
     return from_folder(model, data, args.split, args.images, device, top_k=args.top_k, precision=args.precision,
@@ -134,7 +155,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     where = "this machine only" if args.host in ("127.0.0.1", "localhost", "::1") else "REACHABLE FROM THE NETWORK"
     host = f"[{args.host}]" if ":" in args.host else args.host
-    print(f"{index.mode} gallery: {len(index.image_paths)} images, {len(index.caption_rows)} {args.split} captions"
+    fold = f" (fold {args.fold[0] + 1}/{args.fold[1]})" if args.fold else ""
+    print(f"{index.mode} gallery{fold}: {len(index.image_paths)} images, {len(index.caption_rows)} {args.split} captions"
           + (f"; rsum {index.evaluation['rsum']:.1f}" if index.evaluation else ""), flush=True)
     print(f"listening on http://{host}:{server.port}/  ({where}; Ctrl-C stops)", flush=True)
     try:

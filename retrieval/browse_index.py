@@ -30,7 +30,7 @@ import torch
 
 from engine.data import Prepared
 from engine.encode import encode_split
-from engine.metrics import DIRECTIONS, evaluate_retrieval, retrieval_ranks
+from engine.metrics import DIRECTIONS, evaluate_retrieval, fold_members, retrieval_ranks
 from utils.vectors import top_indices, unit_rows
 
 from .browse_limits import MAX_K, MAX_PER_PAGE, MAX_QUERY_CHARS, THUMB_CACHE, THUMB_SIDE
@@ -250,11 +250,13 @@ class BrowseIndex:
 # ------------------------------------------------------------------------------------------------ building
 def from_split(model, data: Prepared, split: str, device: torch.device, *, top_k: int = 10, precision: str = "auto",
                batch_size: int = 64, directions: tuple[str, ...] | None = None, progress: bool = True,
-               source: str = "", cache: Path | None = None, cache_key: str | None = None) -> BrowseIndex:
+               source: str = "", cache: Path | None = None, cache_key: str | None = None,
+               fold: tuple[int, int] | None = None) -> BrowseIndex:
     """Encode a prepared split as evaluate.py does and evaluate it with the same function and directions
     (``directions`` None: t2i only for person-matched data such as CUHK-PEDES, else both). With ``cache`` (an .npz
     path) and ``cache_key`` (the checkpoint's identity), the encoded features are saved there and reused by a later
-    start-up for the same checkpoint, prepared directory, split and precision."""
+    start-up for the same checkpoint, prepared directory, split and precision. ``fold`` (i, k): only fold i (0-based)
+    of k, the images and captions ``evaluate.py --folds k`` scores as its fold i (``engine.metrics.fold_members``)."""
     if cache is not None and cache_key is None:
         raise ValueError("a split feature cache needs cache_key (e.g. retrieval.index.checkpoint_key(CKPT))")
     key = split_cache_key(cache_key, data, split, precision, model.text.fc.out_features)
@@ -264,6 +266,10 @@ def from_split(model, data: Prepared, split: str, device: torch.device, *, top_k
                              progress=progress)
         if cache is not None:
             write_split_cache(cache, key, feats)
+    if fold is not None:  # the whole split is encoded (and cached) once; the fold is a view of it
+        rows_, keep = fold_members(feats["image_labels"], feats["text_labels"], fold[1], fold[0])
+        keep = keep.numpy()
+        feats = {k: v[rows_] if k in ("images", "image_labels", "image_rows") else v[keep] for k, v in feats.items()}
     if directions is None:
         directions = ("t2i",) if data.manifest.get("match") == "person" else DIRECTIONS
     t = {k: torch.as_tensor(np.asarray(feats[k])) for k in ("images", "texts", "image_labels", "text_labels")}

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def _args(checkpoint, prepared, **kw) -> Namespace:
     base = dict(checkpoint=Path(checkpoint), data=Path(prepared), split="test", images=None, host="127.0.0.1",
-                port=0, top_k=3, no_cache=False, device="cpu", precision="auto", batch_size=64)
+                port=0, top_k=3, no_cache=False, device="cpu", precision="auto", batch_size=64, fold=None)
     return Namespace(**{**base, **kw})
 
 
@@ -74,6 +74,24 @@ def test_evaluation_view_equals_evaluate_py(client, checkpoint, prepared, tmp_pa
         assert got[d] == want[d]  # the same floats, not approximately
     assert got["rsum"] == want["rsum"]
     assert "rsum" in capsys.readouterr().out
+
+
+def test_a_fold_is_the_images_and_captions_evaluate_py_scores_as_that_fold(checkpoint, prepared, ref, tmp_path):
+    """--fold I/K shows the split's fold I of K, exactly as evaluate.py --folds K cuts and scores it."""
+    out = tmp_path / "folds.json"
+    assert evaluate.main(["--checkpoint", str(checkpoint), "--data", str(prepared), "--folds", "3",
+                          "--out", str(out)]) == 0
+    want = json.loads(out.read_text())["folds"]
+    for i in range(3):
+        idx = browse.load_index(_args(checkpoint, prepared, no_cache=True, fold=(i, 3)))
+        assert list(idx.image_rows) == [ref["image_rows"][i]]  # the i-th image of the split, in stored order
+        mine = ref["text_labels"] == ref["image_labels"][i]
+        assert list(idx.caption_rows) == list(ref["caption_rows"][mine]) and mine.sum() == 2  # its own captions
+        for d in ("i2t", "t2i"):
+            assert idx.evaluation[d] == want[i][d]
+    # a fold view of the cached whole split: the cache written without --fold serves the fold too
+    cached = browse.load_index(_args(checkpoint, prepared, fold=(2, 3)))
+    assert list(cached.image_rows) == [ref["image_rows"][2]]
 
 
 def test_worst_queries_paged_against_brute_force(client, ref):
@@ -340,11 +358,22 @@ def test_cli_errors_are_one_line(checkpoint, prepared, tmp_path, capsys):
              (["--checkpoint", checkpoint, "--data", tmp_path], "not a prepared directory"),
              (["--checkpoint", checkpoint, "--data", prepared, "--images", tmp_path / "nope"], "no such folder"),
              (["--checkpoint", checkpoint, "--data", prepared, "--top-k", "0"], "--top-k 0: expected 1 to 100"),
-             (["--checkpoint", checkpoint, "--data", prepared, "--port", "70000"], "--port 70000")]
+             (["--checkpoint", checkpoint, "--data", prepared, "--port", "70000"], "--port 70000"),
+             (["--checkpoint", checkpoint, "--data", prepared, "--fold", "1/2"],
+              "--fold 1/2: the test split of"),  # 3 images do not cut into 2 folds
+             (["--checkpoint", checkpoint, "--data", prepared, "--fold", "1/3", "--images", tmp_path],
+              "cannot be combined with --images"),
+             ]
     for argv, expected in cases:
         assert browse.main([str(a) for a in argv]) == 2
         err = capsys.readouterr().err
         assert err.startswith("error: ") and expected in err and err.count("\n") == 1
+    for fold, expected in (("4/3", "expected K >= 2 folds and I from 1 to K"), ("one", "expected I/K")):
+        with pytest.raises(SystemExit) as stop:  # argparse's own check, before anything loads
+            browse.main(["--checkpoint", str(checkpoint), "--data", str(prepared), "--fold", fold])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and err.startswith("error: argument --fold: ") and expected in err
+        assert err.count("\n") == 1
 
 
 def test_cli_serves_and_says_where(checkpoint, prepared):

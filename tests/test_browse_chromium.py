@@ -48,7 +48,7 @@ def serving(index):
 @pytest.fixture(scope="module")
 def server(checkpoint, prepared):
     args = Namespace(checkpoint=Path(checkpoint), data=Path(prepared), split="test", images=None, top_k=3,
-                     no_cache=False, device="cpu", precision="auto", batch_size=64)
+                     no_cache=False, device="cpu", precision="auto", batch_size=64, fold=None)
     yield from serving(browse.load_index(args))
 
 
