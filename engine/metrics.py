@@ -30,8 +30,8 @@ from torch import Tensor
 from utils.cli import InvalidValue
 from utils.vectors import l2_normalize
 
-__all__ = ["rank_of_first_match", "retrieval_ranks", "recall_metrics", "evaluate_retrieval", "evaluate_folds", "fold_members",
-           "DIRECTIONS", "DEFAULT_MAX_CHUNK_BYTES"]
+__all__ = ["rank_of_first_match", "retrieval_ranks", "recall_metrics", "evaluate_retrieval", "evaluate_folds",
+           "fold_members", "DIRECTIONS", "DEFAULT_MAX_CHUNK_BYTES"]
 
 Labels = Union[Tensor, np.ndarray, Sequence[Any]]
 DIRECTIONS = ("i2t", "t2i")
@@ -298,8 +298,7 @@ def evaluate_folds(images: Tensor, texts: Tensor, image_labels: Labels, text_lab
     every metric is the MEAN over folds, rsum = sum of the mean recalls (checked equal to the mean of the per-fold
     rsums). Adds ``"folds": [per-fold results]``."""
     n = len(images)
-    if folds < 1 or n % folds:
-        raise InvalidValue(f"{n} images cannot be cut into {folds} equal folds")
+    fold_members(image_labels, text_labels, folds, 0)  # the images cut into equal folds, before any other work
     gi, gt = _group_ids(image_labels, text_labels, torch.device("cpu"))
     if len(gt) != len(texts) or len(gi) != n:
         raise ValueError(f"labels ({len(gi)}, {len(gt)}) do not match features ({n}, {len(texts)})")

@@ -107,12 +107,12 @@ def load_index(args: argparse.Namespace):
     except RuntimeError as e:  # unreadable file, or weights that do not fit the rebuilt network
         raise BrowseStartError(f"--checkpoint {args.checkpoint}: {e}") from None
     if args.images is None:
-        if len(data.split_images(args.split)) == 0:
+        n = len(data.split_images(args.split))
+        if n == 0:
             raise BrowseStartError(f"--split {args.split}: {args.data} has no {args.split} images")
-        if args.fold is not None and len(data.split_images(args.split)) % args.fold[1]:
+        if args.fold is not None and n % args.fold[1]:  # before the encoding, naming the flag
             raise BrowseStartError(f"--fold {args.fold[0] + 1}/{args.fold[1]}: the {args.split} split of {args.data} "
-                                   f"has {len(data.split_images(args.split))} images, which do not cut into "
-                                   f"{args.fold[1]} equal folds")
+                                   f"has {n} images, which do not cut into {args.fold[1]} equal folds")
         return from_split(model, data, args.split, device, top_k=args.top_k, precision=args.precision,
                           batch_size=args.batch_size, source=str(args.checkpoint), fold=args.fold,
                           cache_key=checkpoint_key(args.checkpoint),
@@ -156,7 +156,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     where = "this machine only" if args.host in ("127.0.0.1", "localhost", "::1") else "REACHABLE FROM THE NETWORK"
     host = f"[{args.host}]" if ":" in args.host else args.host
     fold = f" (fold {args.fold[0] + 1}/{args.fold[1]})" if args.fold else ""
-    print(f"{index.mode} gallery{fold}: {len(index.image_paths)} images, {len(index.caption_rows)} {args.split} captions"
+    print(f"{index.mode} gallery{fold}: {len(index.image_paths)} images, {len(index.caption_rows)} {args.split} "
+          f"captions"
           + (f"; rsum {index.evaluation['rsum']:.1f}" if index.evaluation else ""), flush=True)
     print(f"listening on http://{host}:{server.port}/  ({where}; Ctrl-C stops)", flush=True)
     try:
