@@ -16,10 +16,16 @@ and convolutions), eager with TF32 on (the recipe's default: a change of roundin
 on again (the run-to-run floor) and, with --inductor, the CNNs compiled by inductor (TF32 on). Each is reported as
 ||g - g_ref|| / ||g_ref|| per module with ||g_ref||; a difference far above TF32's on a module is not rounding.
 
+--perturb REL adds the training-curve yardstick: eager again, from the same Stage I weights each multiplied by
+(1 + REL N(0,1)); at REL = 2**-24 that is one rounding of every weight, so its difference after --weights-at steps is
+how far this recipe's training amplifies rounding alone (hard-negative choices and max-pooling positions flip).
+
     .venv/bin/python bench/graph_parity.py                    # CUDA: 200 steps, weights after 20
     .venv/bin/python bench/graph_parity.py --steps 6 --weights-at 3 --train-images 128 --no-write   # smoke (CPU:
     #   the captured run is then the emulated graph of the tests)
     .venv/bin/python bench/graph_parity.py --one-step --inductor       # CUDA: is inductor's drift rounding?
+    .venv/bin/python bench/graph_parity.py --steps 20 --perturb 6e-8 --no-captured   # how far training amplifies
+    #   a rounding-sized change of the weights (any device)
 """
 from __future__ import annotations
 
@@ -37,14 +43,29 @@ HEADING = "## 10. Captured vs eager training step"
 ONE_STEP_HEADING = "## 11. One step's gradients: rounding or not"
 
 
+def perturb(module, relative: float, seed: int = 1234) -> None:
+    """Multiply every floating parameter element by (1 + relative * n), n ~ N(0, 1) from a private generator (the
+    global RNG, hence dropout's masks, is untouched): at relative = 2**-24 a change the size of one fp32 rounding."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.is_floating_point():
+                noise = torch.randn(p.shape, generator=gen, dtype=torch.float64)
+                p.mul_((1 + relative * noise).to(p.device, p.dtype))
+
+
 def train(config: str, data: Path, run: Path, ckpt1: Path, overrides: dict, steps: int, weights_at: int,
-          emulate: bool, compiled: bool = False):
+          emulate: bool, compiled: bool = False, relative_noise: float = 0.0):
     """(per-step loss terms, weights after ``weights_at`` steps, weights at the end)."""
     import torch
 
     from engine.step import EmulatedGraph
 
     trainer = build_trainer(config, 2, data, run, overrides, stage1_ckpt=ckpt1)
+    if relative_noise:
+        perturb(trainer.module, relative_noise)
     if compiled:
         inductor(trainer)
     if emulate:  # CPU smoke test only: the captured mode's logic without CUDA
@@ -182,6 +203,10 @@ def main() -> None:
                     "the random masks out of the comparison (inductor draws its own)")
     ap.add_argument("--inductor", action="store_true", help="also captured with the two CNNs compiled by inductor "
                     "(bench/common.py inductor(), the experiment of train_throughput.py --compile inductor)")
+    ap.add_argument("--perturb", type=float, default=0.0, metavar="REL", help="also eager from the Stage I weights "
+                    "each multiplied by (1 + REL N(0,1)): with REL = 6e-8 (2**-24) a rounding-sized change, the "
+                    "yardstick of how far training amplifies rounding within --steps (default: off)")
+    ap.add_argument("--no-captured", action="store_true", help="skip the captured run (e.g. with --perturb on CPU)")
     ap.add_argument("--one-step", action="store_true", help="one batch's gradients per module, eager TF32 off vs "
                     "on (vs inductor with --inductor), instead of the training curves (BENCHMARKS.md section 11)")
     ap.add_argument("--train-images", type=int, default=4096, help="synthetic training images = classes")
@@ -212,12 +237,16 @@ def main() -> None:
         if args.one_step:
             report_one_step(args, data, ckpt1, overrides, Path(tmp))
             return
-        modes = [("eager", "off"), ("eager again", "off"), ("captured", "cuda_graph")]
-        for name, mode in modes + ([("captured + inductor", "inductor")] if args.inductor else []):
-            runs[name] = train(args.config, data, Path(tmp) / name.replace(" ", "_"), ckpt1,
-                               {**overrides, "compile": mode.replace("inductor", "cuda_graph") if cuda else "off"},
-                               args.steps, args.weights_at, emulate=mode != "off" and not cuda,
-                               compiled=mode == "inductor")
+        modes = [("eager", "off"), ("eager again", "off")]
+        modes += [] if args.no_captured else [("captured", "cuda_graph")]
+        modes += [(f"eager, weights x (1 + {args.perturb:.2g} N(0,1))", "perturb")] if args.perturb else []
+        modes += [("captured + inductor", "inductor")] if args.inductor else []
+        for name, mode in modes:
+            step_mode = "cuda_graph" if mode in ("cuda_graph", "inductor") and cuda else "off"
+            runs[name] = train(args.config, data, Path(tmp) / f"run{len(runs)}", ckpt1,
+                               {**overrides, "compile": step_mode}, args.steps, args.weights_at,
+                               emulate=mode in ("cuda_graph", "inductor") and not cuda,
+                               compiled=mode == "inductor", relative_noise=args.perturb if mode == "perturb" else 0)
             print(f"{name}: last loss/total {runs[name][0][-1]['loss/total']:.4f}", flush=True)
     ref = runs["eager"]
     rows = []
@@ -234,7 +263,7 @@ def main() -> None:
     lines = table(["runs", "loss term / weights", "largest |difference| / relative L2", "mean |difference|",
                    "eager curve range"], rows, "llrrr")
     title = (f"{Path(args.config.format(stage=2)).name} from one Stage I checkpoint, {args.steps} steps, "
-             f"{'CUDA' if cuda else 'CPU (captured = emulated graph)'}")
+             f"{'CUDA' if cuda else 'CPU' if args.no_captured else 'CPU (captured = emulated graph)'}")
     notes = [f"Data: {data} (synthetic, {args.train_images} classes; the shared W padded to "
              f"{args.classifier_classes} rows); pretrained none; precision {base.precision}; dropout "
              f"{overrides.get('dropout', base.dropout)}; "

@@ -1,0 +1,40 @@
+"""Helpers of the bench/ scripts whose numbers go into BENCHMARKS.md: they must do what their tables claim."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT / "bench") not in sys.path:
+    sys.path.append(str(ROOT / "bench"))  # bench/ scripts import their neighbours by name
+import graph_parity  # noqa: E402  (bench/graph_parity.py)
+
+
+def test_perturb_is_a_rounding_sized_change_that_leaves_the_global_rng_alone():
+    """--perturb REL multiplies each weight by (1 + REL n), n ~ N(0, 1): the per-tensor relative change is ~REL, every
+    element moves, the same seed gives the same change, and dropout's global RNG stream is untouched."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.BatchNorm1d(256), torch.nn.Linear(256, 32))
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    rng = torch.get_rng_state()
+    rel = 2.0 ** -20  # above fp32's rounding (2**-24), so the change survives the cast exactly enough to measure
+    graph_parity.perturb(net, rel)
+    assert torch.equal(torch.get_rng_state(), rng)
+    after = net.state_dict()
+    for name, _ in net.named_parameters():
+        moved = before[name] != 0  # a zero weight (BatchNorm's bias at initialisation) stays zero
+        if name == "1.bias":
+            assert not moved.any() and torch.equal(after[name], before[name])
+            continue
+        ratio = (after[name].double() / before[name].double() - 1)[moved] / rel  # the drawn n, up to rounding
+        assert 0.8 < ratio.std().item() < 1.2, name
+        assert abs(ratio.mean().item()) < 0.3, name
+        assert (after[name] != before[name])[moved].float().mean() > 0.9, name
+    for name in ("1.running_mean", "1.running_var"):  # buffers are not weights: untouched
+        assert torch.equal(after[name], before[name])
+    again = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.BatchNorm1d(256), torch.nn.Linear(256, 32))
+    again.load_state_dict(before)
+    graph_parity.perturb(again, rel)
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), after.values()))
