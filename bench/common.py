@@ -219,17 +219,6 @@ def model_pairs_per_s(trainer, batch: dict[str, torch.Tensor], steps: int, warmu
     return trainer.cfg.batch_size / dt
 
 
-def inductor(trainer) -> None:
-    """Compile the image and text CNNs in place with torch.compile (default inductor mode, static shapes): their
-    forward and backward become fused inductor kernels; the Trainer's step (and its capture) calls them unchanged.
-    Compilation happens in the first warm-up steps (training and the mining's eval mode compile separately)."""
-    import torch._dynamo
-
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
-    for m in (trainer.module.image, trainer.module.text):
-        m.compile(dynamic=False)
-
-
 @contextlib.contextmanager
 def pad_classifier(classes: int):
     """Within the block, Trainers build the shared W with at least ``classes`` rows (the real dataset's size, where

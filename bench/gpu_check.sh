@@ -9,11 +9,11 @@
 #            29,783 classes), ResNet-50 and VGG-19 (MSCOCO, 113,287), ResNet-50 and VGG-16 (CUHK-PEDES, 11,003);
 #            ROWS="coco_vgg19:113287 ..." (config prefix:classes) measures only those; 90 steps each (with 30, two
 #            rows' windows lasted 0.3-0.9 s and their loops read 55-62 % of the model step, every other >= 94 %);
-# inductor:  an experiment (not in all): the ResNet-50 recipes at batch 32, captured, with and without the two CNNs
-#            compiled by torch.compile's inductor inside the captured step; then one batch's gradients per module,
-#            eager TF32 off / on / inductor (bench/graph_parity.py --one-step: is inductor's drift rounding?), and
-#            100 steps of eager / captured / inductor beside eager from weights changed by one rounding (--perturb:
-#            how far the recipe itself amplifies rounding);
+# inductor:  compile: inductor (opt-in; not in all): the ResNet-50 recipes at batch 32, captured, with and without
+#            the two CNNs compiled by torch.compile's inductor inside the captured step; the CUDA tests of that mode;
+#            one batch's gradients per module, eager TF32 off / on / inductor (bench/graph_parity.py --one-step: is
+#            inductor's drift rounding?), and 100 steps of eager / captured / inductor beside eager from weights
+#            changed by one rounding (--perturb: how far the recipe itself amplifies rounding);
 # demo:      scripts/demo.sh end to end, timed.
 # Tables are appended to DIR/BENCHMARKS.md (default: the repository's BENCHMARKS.md), logs to DIR/*.log. Runs with
 # the python on PATH (or .venv's); a failing part does not stop the others; exit 1 if any failed.
@@ -74,6 +74,7 @@ for part in "${PARTS[@]}"; do
       done ;;
     inductor)
       wait $DATA_PID
+      run inductor_tests 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_step.py -k inductor
       run inductor_b32 300 "${TT[@]}" --steps 40 --warmup 12 --batch-size 32 --compile cuda_graph inductor
       run inductor_grads 200 "$PY" bench/graph_parity.py --one-step --inductor --output "$MD"
       run inductor_drift 300 "$PY" bench/graph_parity.py --steps 100 --weights-at 20 --inductor --perturb 6e-8 \

@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 import common  # noqa: F401  (puts the repository root on sys.path)
-from common import (DEFAULT_CACHE, add_output_args, build_trainer, default_image_size, device, inductor,
+from common import (DEFAULT_CACHE, add_output_args, build_trainer, default_image_size, device,
                     model_step_fn, pad_classifier, report, sync, synthetic_prepared, table, time_repeated)
 
 from utils.cli import ArgumentParser  # noqa: E402
@@ -117,9 +117,9 @@ def main() -> None:
     ap.add_argument("--workers", type=int, nargs="+", default=None, help="DataLoader workers (default: config)")
     ap.add_argument("--batch-size", type=int, nargs="+", default=None, help="global batch (default: config)")
     ap.add_argument("--compile", nargs="+", choices=("off", "cuda_graph", "inductor"), default=None,
-                    help="step modes (default: off and cuda_graph on CUDA, off on CPU); inductor = an experiment: the "
-                         "image and text CNNs compiled by torch.compile (inductor kernels, static shapes) inside the "
-                         "captured step (eager step on CPU)")
+                    help="step modes, the config's compile values (default: off and cuda_graph on CUDA, off on CPU); "
+                         "inductor = cuda_graph with the image and text CNNs compiled by torch.compile (opt-in, fp32, "
+                         "CUDA only)")
     ap.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=None,
                     help="precisions (default: the config's)")
     ap.add_argument("--config", default=None, help="config file; {stage} is replaced by the stage (default "
@@ -175,12 +175,9 @@ def main() -> None:
                 for precision in precisions:
                     for mode in modes:
                         run = Path(tmp) / f"b{bs}_s{stage}_{precision}_{mode}"
-                        step_mode = ("cuda_graph" if cuda else "off") if mode == "inductor" else mode
-                        overrides = {"pretrained": args.pretrained, "batch_size": bs, "compile": step_mode,
+                        overrides = {"pretrained": args.pretrained, "batch_size": bs, "compile": mode,
                                      "precision": precision}
                         trainer = build_trainer(args.config, stage, data, run, overrides, stage1_ckpt=ckpt1)
-                        if mode == "inductor":
-                            inductor(trainer)
                         if stage == 1 and 2 in stages and ckpt1 is None:
                             trainer.save()
                             ckpt1 = run / "checkpoint_last.pt"

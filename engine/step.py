@@ -17,6 +17,12 @@ Modes (config key ``compile``, resolved by ``resolve_mode``):
   without a re-capture; dropout draws from the CUDA generator, which graph replays advance like eager steps; the
   position shift and crops are drawn in the loader, outside the graph.
 
+* ``inductor`` (opt-in, measured faster, not yet the default): ``cuda_graph`` with the image and the text CNN
+  compiled in place by ``torch.compile`` (``compile_cnns``): their training forward and backward and the mining's
+  eval-mode forward become fused inductor kernels, compiled in the first warm-up steps and captured with the rest
+  of the step. Fused kernels round differently from eager ones, so its training is not identical to eager's; in
+  fp32 only (bf16 gave a non-finite loss at step 1). docs/training.md has the measurements and what is still open.
+
 CPU tests run the capture logic with ``EmulatedGraph`` (capture records the function, replay re-runs it), which
 checks the static-buffer plumbing, the LR tensors and the device statistics; the real capture needs CUDA.
 """
@@ -34,14 +40,16 @@ from utils.cli import UserError
 from .config import Config
 from .encode import autocast
 
-MODES = ("auto", "off", "cuda_graph")
+MODES = ("auto", "off", "cuda_graph", "inductor")
+CAPTURED = ("cuda_graph", "inductor")  # the modes that capture the step
+COMPILE_BACKEND = "inductor"  # torch.compile's backend for compile: inductor (tests trace with "eager" on CPU)
 GRAPH_WARMUP = 3  # eager steps before the capture (cuDNN autotuning, lazy buffers, momentum buffers)
 INPUTS = ("images", "tokens", "labels", "text_labels", "cand_tokens", "cand_labels")
 
 
 def resolve_mode(requested: str, device: torch.device, world: int, precision: str) -> str:
     """The concrete step mode: ``auto`` is ``cuda_graph`` on one CUDA process outside fp16, else ``off``.
-    Asking for ``cuda_graph`` where it cannot run is a user error naming the reason."""
+    Asking for a captured mode where it cannot run is a user error naming the reason."""
     if requested not in MODES:
         raise UserError(f"compile must be one of {list(MODES)}, got {requested!r}")
     why = ("it needs a CUDA device" if device.type != "cuda" else
@@ -49,9 +57,25 @@ def resolve_mode(requested: str, device: torch.device, world: int, precision: st
            "fp16's loss scaler reads its overflow check on the host" if precision == "fp16" else None)
     if requested == "auto":
         return "off" if why else "cuda_graph"
-    if requested == "cuda_graph" and why:
-        raise UserError(f"compile: cuda_graph is not available here: {why}; use compile: auto or off")
+    if requested == "inductor" and why is None and precision != "fp32":
+        why = (f"it runs in fp32 only (precision: {precision}; under bf16 autocast it gave a non-finite text loss at "
+               f"step 1 on an H200)")
+    if requested in CAPTURED and why:
+        raise UserError(f"compile: {requested} is not available here: {why}; use compile: auto or off")
     return requested
+
+
+def compile_cnns(module: nn.Module, backend: str | None = None) -> None:
+    """``compile: inductor``: the image and the text CNN compiled in place (``nn.Module.compile``, static shapes).
+    Their parameter names, hence checkpoints, are unchanged. Only calls of the modules themselves are compiled (the
+    training forward, the mining's eval-mode forward); the test-time features of spec 8.1 (``ImageCNN.test_feature``,
+    ``TextCNN.test_feature``, a new shape per batch) run eagerly."""
+    import torch._dynamo
+
+    # training, the mining's eval mode and Stage I's frozen backbone each compile a variant
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
+    for m in (module.image, module.text):
+        m.compile(backend=backend or COMPILE_BACKEND, dynamic=False)
 
 
 class StepStats:
@@ -140,13 +164,15 @@ class TrainStep:
         names = ["loss/instance_img", "loss/instance_txt"] + (["loss/rank"] if self.lambda_rank else [])
         self.stats = StepStats(names + ["loss/total", "acc/img_top1", "acc/txt_top1"], device)
         self.graph_factory = graph_factory or (CudaGraph if device.type == "cuda" else EmulatedGraph)
+        if mode == "inductor":
+            compile_cnns(module)
         self.graph: Any = None
         self.static: dict[str, torch.Tensor] | None = None
         self.warm = 0
         self.capturing = False
         self.mining_time: list[Any] = []  # eager only: (start, end) CUDA events or seconds, per step of the window
         # device LR tensors: needed by the captured step; on CUDA also eager, so both run the same fused-SGD math
-        self.tensor_lr = device.type == "cuda" or mode == "cuda_graph"
+        self.tensor_lr = device.type == "cuda" or mode in CAPTURED
 
     # ------------------------------------------------------------------ the step's computation
     def mine(self, images: torch.Tensor, cand_tokens: torch.Tensor, cand_labels: torch.Tensor
@@ -224,7 +250,7 @@ class TrainStep:
                            for k in INPUTS if k in batch}
         for k, buf in self.static.items():
             if batch[k].shape != buf.shape:
-                raise RuntimeError(f"compile: cuda_graph needs every batch of a run to have the same shapes; "
+                raise RuntimeError(f"compile: {self.mode} needs every batch of a run to have the same shapes; "
                                    f"{k} is {tuple(batch[k].shape)}, the captured step has {tuple(buf.shape)}")
             buf.copy_(batch[k], non_blocking=True)
 

@@ -137,7 +137,9 @@ class TextCNN(nn.Module):
         shifted, owner = all_shifts(tokens, lengths, self.max_len)  # (S, L), (S,)
         out = torch.zeros(tokens.shape[0], self.fc.out_features, device=tokens.device)
         for start in range(0, shifted.shape[0], max_rows):
-            feats = self(shifted[start:start + max_rows])["feature"].float()  # (s, 2048)
+            # forward, not self(...): eager even when training compiled the module (compile: inductor), as every
+            # chunk of shifts has its own shape
+            feats = self.forward(shifted[start:start + max_rows])["feature"].float()  # (s, 2048)
             out.index_add_(0, owner[start:start + max_rows], feats)
         return out
 

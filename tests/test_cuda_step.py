@@ -4,7 +4,8 @@ Tiny models, so the comparison is about the mechanics, not speed: ``compile: cud
 steps of Stage I and Stage II (mining, dropout, an LR drop after step 8): one capture per run, the LR schedule seen
 without a re-capture, losses and weights equal to eager within float tolerance; a non-finite J is caught with its
 step under capture; bf16 autocast captures; the whole loop (one loader iterator, pinned copies, statistics read at
-log steps, validation between epochs) runs captured and resumes into eager.
+log steps, validation between epochs) runs captured and resumes into eager; ``compile: inductor`` (opt-in) trains,
+its first step within rounding of eager's, and resumes into eager.
 """
 from __future__ import annotations
 
@@ -118,3 +119,42 @@ def test_whole_loop_captured_then_resumed_eager(prepared, stage1_ckpt, tmp_path)
     summary = resumed.fit()
     assert summary["steps"] == 3 * STEPS_PER_EPOCH and resumed.mode == "off"
     assert all(torch.isfinite(v).all() for v in resumed.module.state_dict().values() if v.is_floating_point())
+
+
+def test_inductor_first_step_matches_eager_then_trains_and_resumes_eager(prepared, stage1_ckpt, tmp_path):
+    """compile: inductor (opt-in): the compiled CNNs captured once; the first step's image instance loss equals
+    eager's within rounding (same weights, same batch; the text terms depend on which negative the mining picks, and
+    training amplifies rounding afterwards, docs/training.md); every step finite; the whole loop with validation runs
+    and its checkpoint resumes in eager mode."""
+    from torch._dynamo.utils import counters
+
+    cfg = {**STAGE2, "dropout": 0.0, "lr_schedule": [[2, 1.0], [1, 0.1]], "log_every": 2}
+    eager = Trainer(tiny(**cfg, compile="off"), prepared, tmp_path / "eager", init=stage1_ckpt)
+    eager.model.train()
+    batch = eager.batches[(0, 0)]
+    batch.pop("key")
+    eager.train_step(batch)
+    ref = eager.step_values()
+    eager.log.close()
+    torch._dynamo.reset()
+    graphs = counters["stats"]["unique_graphs"]
+    run = tmp_path / "run"
+    t = Trainer(tiny(**cfg, compile="inductor"), prepared, run, init=stage1_ckpt)
+    assert t.mode == "inductor"
+    seen = []
+    real_step = t.train_step
+
+    def step_then_stop(b):
+        real_step(b)
+        seen.append(t.step_values())
+        if t.step == 2 * STEPS_PER_EPOCH + 1:
+            t.stop_signal = 15
+    t.train_step = step_then_stop
+    assert t.fit()["stopped"] and isinstance(t.stepper.graph, step_mod.CudaGraph)
+    assert counters["stats"]["unique_graphs"] - graphs >= 4  # image and text CNN, training and mining (eval) modes
+    assert seen[0]["loss/instance_img"] == pytest.approx(ref["loss/instance_img"], rel=1e-3, abs=1e-4)
+    assert all(math.isfinite(v) for s in seen for v in s.values())
+    state = ckpt.load(run / ckpt.LAST)
+    assert state["step_mode"] == "inductor" and "val" in state["history"][-1]
+    resumed = Trainer(tiny(**cfg, compile="off"), prepared, run, init=stage1_ckpt, resume="auto")
+    assert resumed.fit()["steps"] == 3 * STEPS_PER_EPOCH and resumed.mode == "off"

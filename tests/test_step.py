@@ -226,10 +226,53 @@ def test_mode_resolution_and_choices():
     assert resolve_mode("auto", cuda, 2, "fp32") == "off"
     assert resolve_mode("auto", cuda, 1, "fp16") == "off"
     assert resolve_mode("off", cuda, 1, "fp32") == "off"
+    assert resolve_mode("inductor", cuda, 1, "fp32") == "inductor"  # opt-in only: auto never picks it
     for device, world, precision, why in ((cpu, 1, "fp32", "CUDA"), (cuda, 2, "fp32", "single-process"),
                                           (cuda, 1, "fp16", "fp16")):
-        with pytest.raises(UserError, match=f"compile: cuda_graph is not available here: .*{why}"):
-            resolve_mode("cuda_graph", device, world, precision)
+        for mode in ("cuda_graph", "inductor"):
+            with pytest.raises(UserError, match=f"compile: {mode} is not available here: .*{why}"):
+                resolve_mode(mode, device, world, precision)
+    for precision in ("bf16", "auto"):  # auto is bf16 on CUDA
+        with pytest.raises(UserError, match=f"compile: inductor is not available here: it runs in fp32 only "
+                                            f"\\(precision: {precision}"):
+            resolve_mode("inductor", cuda, 1, precision)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_inductor_mode_compiles_both_cnns_for_training_only(prepared, stage1_ckpt, tmp_path, stage, monkeypatch):
+    """compile: inductor's plumbing, on CPU: the Trainer in that mode (its resolution needs CUDA, so it is forced)
+    with torch.compile's "eager" backend (dynamo traces our modules, the same kernels run) and the emulated capture
+    trains bit-identically to eager over 20 steps (mining in Stage II); both CNNs are compiled, their state-dict
+    names unchanged (checkpoints load either way); validation's test-time features (a new shape per batch) add no
+    compiled graph. What inductor's own kernels do to the numbers needs a GPU (docs/training.md)."""
+    from torch._dynamo.utils import counters
+
+    import engine.loop as loop_mod
+
+    cfg = tiny(**{"lr_schedule": SCHEDULE, "dropout": 0.5, **(STAGE2 if stage == 2 else {})})
+    init = stage1_ckpt if stage == 2 else None
+    eager = Trainer(cfg, prepared, tmp_path / "eager", init=init)
+    eager_logs = train_20(eager, sync_free(eager))
+    monkeypatch.setattr(step_mod, "COMPILE_BACKEND", "eager")
+    monkeypatch.setattr(loop_mod, "resolve_mode", lambda *a: "inductor")
+    torch._dynamo.reset()  # dynamo's per-code-object cache limit counts earlier tests' TextCNN.forward variants
+    graphs = counters["stats"]["unique_graphs"]
+    t = Trainer(cfg, prepared, tmp_path / "inductor", init=init)
+    assert t.mode == "inductor" and isinstance(t.stepper.graph_factory(), EmulatedGraph)
+    assert all(m._compiled_call_impl is not None for m in (t.module.image, t.module.text))
+    assert t.module.classifier._compiled_call_impl is None
+    logs = train_20(t, sync_free(t))
+    compiled = counters["stats"]["unique_graphs"] - graphs
+    assert compiled >= 2  # the image and the text CNN in training mode (+ their eval mode for the mining)
+    assert logs == eager_logs
+    state = t.module.state_dict()
+    assert state.keys() == eager.module.state_dict().keys()
+    assert all(torch.equal(v, state[k]) for k, v in eager.module.state_dict().items())
+    metrics, _ = loop_mod.validate(t.module, t.data, t.cfg, t.device)
+    assert counters["stats"]["unique_graphs"] - graphs == compiled, "test-time features must run eagerly"
+    assert metrics == loop_mod.validate(eager.module, eager.data, eager.cfg, eager.device)[0]
+    for tr in (eager, t):
+        tr.log.close()
 
 
 def test_mining_time_is_logged_in_eager_stage2(prepared, stage1_ckpt, tmp_path):
