@@ -11,8 +11,8 @@
 #            rows' windows lasted 0.3-0.9 s and their loops read 55-62 % of the model step, every other >= 94 %);
 # inductor:  compile: inductor (opt-in; not in all): the ResNet-50 recipes at batch 32, captured, with and without
 #            the two CNNs compiled by torch.compile's inductor inside the captured step; the CUDA tests of that mode;
-#            one batch's gradients per module, eager TF32 off / on / inductor (bench/graph_parity.py --one-step: is
-#            inductor's drift rounding?), and 100 steps of eager / captured / inductor beside eager from weights
+#            one batch's gradients per module against float64, eager TF32 off / on / inductor (bench/graph_parity.py
+#            --one-step: is inductor's drift rounding?; then with the whole text CNN compiled), and 100 steps of eager / captured / inductor beside eager from weights
 #            changed by one rounding (--perturb: how far the recipe itself amplifies rounding);
 # demo:      scripts/demo.sh end to end, timed.
 # Tables are appended to DIR/BENCHMARKS.md (default: the repository's BENCHMARKS.md), logs to DIR/*.log. Runs with
@@ -78,6 +78,9 @@ for part in "${PARTS[@]}"; do
       run inductor_b32 300 "${TT[@]}" --steps 40 --warmup 12 --batch-size 32 --compile cuda_graph inductor
       run inductor_grads 200 "$PY" bench/graph_parity.py --one-step --inductor --output "$MD"
       run inductor_drift 300 "$PY" bench/graph_parity.py --steps 100 --weights-at 20 --inductor --perturb 6e-8 \
+        --output "$MD"
+      # last: the scope of the first measurements (the whole text CNN), whose word-embedding gradient was wrong on CPU
+      run inductor_grads_whole 200 "$PY" bench/graph_parity.py --one-step --inductor --inductor-scope whole \
         --output "$MD" ;;
     demo)
       run demo 240 bash -c "time bash scripts/demo.sh runs/demo_gpu" ;;

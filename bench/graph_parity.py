@@ -11,10 +11,11 @@ captured); the relative difference of all weights (||a - b|| / ||a|| over every 
 per-tensor value) after --weights-at steps and at the end.
 
 --one-step asks instead whether a difference is rounding: ONE batch (negatives mined once, dropout 0), the gradients
-of the Stage II loss, per module, computed several ways: eager fp32 with TF32 off (the reference: full fp32 matmuls
-and convolutions), eager with TF32 on (the recipe's default: a change of rounding only, the yardstick), eager TF32
-on again (the run-to-run floor) and, with --inductor, the CNNs compiled by inductor (TF32 on). Each is reported as
-||g - g_ref|| / ||g_ref|| per module with ||g_ref||; a difference far above TF32's on a module is not rounding.
+of the Stage II loss, per module, computed several ways against the same computation in float64 (the reference):
+eager fp32 with TF32 off and on (how far fp32 rounding alone lands), eager TF32 on again (the run-to-run floor) and,
+with --inductor, compile: inductor's compiled CNNs (TF32 on; --inductor-scope whole: the whole text CNN too). Each is
+reported as ||g - g_ref|| / ||g_ref|| per module with ||g_ref||; a compiled difference far above eager's on a module
+is not rounding.
 
 --perturb REL adds the training-curve yardstick: eager again, from the same Stage I weights each multiplied by
 (1 + REL N(0,1)); at REL = 2**-24 that is one rounding of every weight, so its difference after --weights-at steps is
@@ -106,10 +107,14 @@ def module_of(name: str) -> str:
     return ".".join(name.split(".")[:2])
 
 
-def one_step_gradients(config: str, data: Path, run: Path, ckpt1: Path, overrides: dict, compiled: bool
+def one_step_gradients(config: str, data: Path, run: Path, ckpt1: Path, overrides: dict, compiled: str | None
                        ) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]], list[str]]:
     """({mode: {module: ||g - g_ref|| / ||g_ref||}}, {mode: {loss term: value}}, the modes): one Stage II batch, the
-    gradients of its loss with the negatives mined once and the BN buffers restored before each computation."""
+    gradients of its loss with the negatives mined once and the BN buffers restored before each computation; the
+    reference is the same computation in float64. ``compiled``: None, "blocks" (compile: inductor's scope) or
+    "whole" (the image and the whole text CNN, the scope of the 2026-12-04 18:00 measurements)."""
+    import copy
+
     import torch
 
     from engine.step import INPUTS, compile_cnns
@@ -128,39 +133,43 @@ def one_step_gradients(config: str, data: Path, run: Path, ckpt1: Path, override
         tokens[h:], text_labels[h:] = neg_tokens, neg_labels
     buffers = {k: v.clone() for k, v in module.state_dict().items()}
     names = [n for n, p in module.named_parameters() if p.requires_grad]
-    params = [p for _, p in module.named_parameters() if p.requires_grad]
 
-    def grads() -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-        module.load_state_dict(buffers)
-        trainer.model.train()
-        out = trainer.model(images, tokens)
-        loss, terms = total_loss(out, x["labels"], text_labels, lambda_rank=step.lambda_rank,
+    def grads(net: torch.nn.Module = module, inputs: torch.Tensor = images
+              ) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+        net.load_state_dict(buffers)
+        net.train()
+        params = dict(net.named_parameters())
+        loss, terms = total_loss(net(inputs, tokens), x["labels"], text_labels, lambda_rank=step.lambda_rank,
                                  lambda_img=cfg.lambda_img, lambda_txt=cfg.lambda_txt, margin=cfg.margin,
                                  ranking=cfg.ranking_loss)
-        g = torch.autograd.grad(loss, params, allow_unused=True)
-        return ({n: (gi if gi is not None else torch.zeros_like(p)).detach().double() for n, gi, p in
-                 zip(names, g, params)}, {k: float(v) for k, v in terms.items()})
+        g = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+        return ({n: (gi if gi is not None else torch.zeros_like(params[n])).detach().double() for n, gi in
+                 zip(names, g)}, {k: float(v) for k, v in terms.items()})
 
     def tf32(on: bool) -> None:
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = on
 
     before = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
-    results = {}
+    results = {"float64 (reference)": grads(copy.deepcopy(module).double(), images.double())}
     try:
-        for mode, on in (("eager, TF32 off (reference)", False), ("eager, TF32 on", True),
-                         ("eager, TF32 on, again", True)):
+        for mode, on in (("eager fp32, TF32 off", False), ("eager, TF32 on", True), ("eager, TF32 on, again", True)):
             tf32(on)
             results[mode] = grads()
         if compiled:
             tf32(True)
-            compile_cnns(module)  # what compile: inductor does (engine/step.py)
+            if compiled == "blocks":
+                compile_cnns(module)  # what compile: inductor does (engine/step.py)
+            else:
+                for m in (module.image, module.text):
+                    m.compile(dynamic=False)
             grads()  # compiles
-            results["inductor, TF32 on"] = grads()
+            results[f"inductor ({'image CNN + text blocks' if compiled == 'blocks' else 'whole CNNs'}), TF32 on"] = \
+                grads()
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
         trainer._iter = None
         trainer.log.close()
-    ref = results["eager, TF32 off (reference)"][0]
+    ref = results["float64 (reference)"][0]
     groups: dict[str, list[str]] = {}
     for n in names:
         groups.setdefault(module_of(n), []).append(n)
@@ -176,7 +185,8 @@ def one_step_gradients(config: str, data: Path, run: Path, ckpt1: Path, override
 
 
 def report_one_step(args: argparse.Namespace, data: Path, ckpt1: Path, overrides: dict, tmp: Path) -> None:
-    rel, terms, modes = one_step_gradients(args.config, data, tmp / "one_step", ckpt1, overrides, args.inductor)
+    scope = (args.inductor_scope or "blocks") if args.inductor else None
+    rel, terms, modes = one_step_gradients(args.config, data, tmp / "one_step", ckpt1, overrides, scope)
     compared = [m for m in modes if not m.endswith("(reference)")]
     rows = [[g, f"{rel['||g_ref||'][g]:.3g}", *(f"{rel[m][g]:.2g}" for m in compared)] for g in rel["||g_ref||"]]
     rows += [[f"loss/{k}", f"{v:.6g}", *(f"{terms[m][k] - v:+.2g}" for m in compared)]
@@ -186,8 +196,9 @@ def report_one_step(args: argparse.Namespace, data: Path, ckpt1: Path, overrides
     title = f"{Path(args.config.format(stage=2)).name}, one batch from one Stage I checkpoint, {device().type}"
     notes = [f"Data: {data} (synthetic, {args.train_images} classes; W padded to {args.classifier_classes} rows); "
              "dropout 0; negatives mined once; BN buffers restored before each computation. Per module "
-             "||g - g_ref|| / ||g_ref||, the reference being eager fp32 with TF32 off; TF32 on is a change of "
-             "rounding only (the yardstick), 'again' the run-to-run floor. A group whose ||g_ref|| is near 0 (e.g. "
+             "||g - g_ref|| / ||g_ref||, the reference being the same computation in float64: eager fp32 (TF32 off, "
+             "then on) shows how far fp32 rounding alone is from it, 'again' the run-to-run floor; a compiled column "
+             "far above eager's on a module computes something else there. A group whose ||g_ref|| is near 0 (e.g. "
              "text.embed_bias, whose gradient the BatchNorm after it cancels) has no meaningful relative difference."]
     report(args, ONE_STEP_HEADING, title, notes, lines)
 
@@ -205,6 +216,10 @@ def main() -> None:
                     "each multiplied by (1 + REL N(0,1)): with REL = 6e-8 (2**-24) a rounding-sized change, the "
                     "yardstick of how far training amplifies rounding within --steps (default: off)")
     ap.add_argument("--no-captured", action="store_true", help="skip the captured run (e.g. with --perturb on CPU)")
+    ap.add_argument("--inductor-scope", choices=("blocks", "whole"), default=None, help="with --one-step --inductor: "
+                    "blocks = compile: inductor's (the image CNN and the text CNN's blocks; default), whole = the "
+                    "image and the whole text CNN (the scope of the 2026-12-04 18:00 speed and drift figures; on "
+                    "CPU it aborts the process)")
     ap.add_argument("--one-step", action="store_true", help="one batch's gradients per module, eager TF32 off vs "
                     "on (vs inductor with --inductor), instead of the training curves (BENCHMARKS.md section 11)")
     ap.add_argument("--train-images", type=int, default=4096, help="synthetic training images = classes")
@@ -217,9 +232,10 @@ def main() -> None:
         ap.error("--weights-at must be between 1 and --steps")
     import torch  # after parsing
 
-    if args.inductor and not torch.cuda.is_available():
-        ap.error("--inductor needs CUDA (compile: inductor is CUDA only; on this CPU build inductor aborted the process "
-                 "with a heap error, 2026-12-04)")
+    if args.inductor and not args.one_step and not torch.cuda.is_available():
+        ap.error("--inductor needs CUDA here (compile: inductor is CUDA only); --one-step --inductor also runs on CPU")
+    if args.inductor_scope and not (args.one_step and args.inductor):
+        ap.error("--inductor-scope goes with --one-step --inductor")
 
     from engine.config import load_config
 

@@ -19,6 +19,7 @@ the shared classifier W (in ``dual_path.py``).
 from __future__ import annotations
 
 import math
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -121,9 +122,13 @@ class TextCNN(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
         """Returns ``feature`` (pre-ReLU, test time), ``rank`` (post-ReLU) and ``logit_input`` (after dropout)."""
+        return self._features(tokens, self.blocks)
+
+    def _features(self, tokens: torch.Tensor, blocks: Callable[[torch.Tensor], torch.Tensor]
+                  ) -> dict[str, torch.Tensor]:
         x = self.embed(tokens) + self.embed_bias  # (N, L, 300)
         x = self.embed_bn(x.transpose(1, 2))  # (N, 300, L)
-        x = self.blocks(x)  # (N, 2048, L/4)
+        x = blocks(x)  # (N, 2048, L/4)
         x = x.amax(dim=2) if self.pool == "max" else x.mean(dim=2)  # (N, 2048)
         feature = self.fc_bn(self.fc(x))  # (N, 2048) test-time text feature
         rank = F.relu(feature)  # (N, 2048) ranking feature (L2-normalised in the loss)
@@ -137,9 +142,9 @@ class TextCNN(nn.Module):
         shifted, owner = all_shifts(tokens, lengths, self.max_len)  # (S, L), (S,)
         out = torch.zeros(tokens.shape[0], self.fc.out_features, device=tokens.device)
         for start in range(0, shifted.shape[0], max_rows):
-            # forward, not self(...): eager even when training compiled the module (compile: inductor), as every
+            # blocks.forward, not blocks(...): eager even when training compiled them (compile: inductor), as every
             # chunk of shifts has its own shape
-            feats = self.forward(shifted[start:start + max_rows])["feature"].float()  # (s, 2048)
+            feats = self._features(shifted[start:start + max_rows], self.blocks.forward)["feature"].float()  # (s, 2048)
             out.index_add_(0, owner[start:start + max_rows], feats)
         return out
 
