@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every GPU figure of the training-speed work in one run (a GPU host; ~8 min on one H200):
+# Every GPU figure of the training-speed work in one run (a GPU host; `all` took 11 min on one H200, 2026-12-04):
 #   bash bench/gpu_check.sh [all|mechanics|speed|rows|inductor|demo]... [--out DIR]
 # mechanics: the CUDA tests of the captured step (tests/test_cuda_step.py), eager vs captured parity over 200 steps
 #            of the Flickr30k Stage II recipe (bench/graph_parity.py);
@@ -9,11 +9,12 @@
 #            29,783 classes), ResNet-50 and VGG-19 (MSCOCO, 113,287), ResNet-50 and VGG-16 (CUHK-PEDES, 11,003);
 #            ROWS="coco_vgg19:113287 ..." (config prefix:classes) measures only those; 90 steps each (with 30, two
 #            rows' windows lasted 0.3-0.9 s and their loops read 55-62 % of the model step, every other >= 94 %);
-# inductor:  compile: inductor (opt-in; not in all): the ResNet-50 recipes at batch 32, captured, with and without
-#            the two CNNs compiled by torch.compile's inductor inside the captured step; the CUDA tests of that mode;
-#            one batch's gradients per module against float64, eager TF32 off / on / inductor (bench/graph_parity.py
-#            --one-step: is inductor's drift rounding?; then with the whole text CNN compiled), and 100 steps of eager / captured / inductor beside eager from weights
-#            changed by one rounding (--perturb: how far the recipe itself amplifies rounding);
+# inductor:  compile: inductor (opt-in; not in all; its limits add up to 20 min: run it alone): the CUDA tests of
+#            that mode; the ResNet-50 recipes at batch 32, captured, with and without it; one batch's gradients per
+#            module against float64, eager TF32 off / on / inductor (bench/graph_parity.py --one-step); 60 steps of
+#            eager / captured / inductor beside eager from weights changed by one rounding (--perturb: how far the
+#            recipe itself amplifies rounding); last, the gradients with the whole text CNN compiled (the scope of the
+#            first speed figures, wrong on CPU);
 # demo:      scripts/demo.sh end to end, timed.
 # Tables are appended to DIR/BENCHMARKS.md (default: the repository's BENCHMARKS.md), logs to DIR/*.log. Runs with
 # the python on PATH (or .venv's); a failing part does not stop the others; exit 1 if any failed.
@@ -77,7 +78,7 @@ for part in "${PARTS[@]}"; do
       run inductor_tests 200 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_step.py -k inductor
       run inductor_b32 300 "${TT[@]}" --steps 40 --warmup 12 --batch-size 32 --compile cuda_graph inductor
       run inductor_grads 200 "$PY" bench/graph_parity.py --one-step --inductor --output "$MD"
-      run inductor_drift 300 "$PY" bench/graph_parity.py --steps 100 --weights-at 20 --inductor --perturb 6e-8 \
+      run inductor_drift 300 "$PY" bench/graph_parity.py --steps 60 --weights-at 20 --inductor --perturb 6e-8 \
         --output "$MD"
       # last: the scope of the first measurements (the whole text CNN), whose word-embedding gradient was wrong on CPU
       run inductor_grads_whole 200 "$PY" bench/graph_parity.py --one-step --inductor --inductor-scope whole \
