@@ -3,7 +3,7 @@
 From ONE Stage I checkpoint, the Flickr30k Stage II recipe (hard negatives, dropout, fp32 with TF32, channels_last)
 is trained for --steps steps three times with the same seed and the same batches: eager, eager again (the baseline:
 how much two eager runs differ, cuDNN's algorithm choice and atomics included) and captured (``compile:
-cuda_graph``); with --inductor a fourth run, ``compile: inductor`` (captured, the two CNNs compiled by inductor). Each
+cuda_graph``); with --inductor a fourth run, ``compile: inductor`` (captured, the CNNs compiled by inductor). Each
 run uses the Trainer's own loader and step; the loss terms are read back after every step.
 
 Reported: per loss term the largest and the mean absolute difference between the curves (eager vs eager, eager vs
@@ -210,8 +210,8 @@ def main() -> None:
     ap.add_argument("--config", default="configs/flickr30k_stage{stage}.yaml")
     ap.add_argument("--dropout", type=float, default=None, help="config override (default: the config's); 0 takes "
                     "the random masks out of the comparison (inductor draws its own)")
-    ap.add_argument("--inductor", action="store_true", help="also compile: inductor (captured, the two CNNs compiled "
-                    "by inductor; CUDA only)")
+    ap.add_argument("--inductor", action="store_true", help="also compile: inductor (captured, the image CNN and the "
+                    "text CNN's blocks compiled by inductor; CUDA only, except with --one-step)")
     ap.add_argument("--perturb", type=float, default=0.0, metavar="REL", help="also eager from the Stage I weights "
                     "each multiplied by (1 + REL N(0,1)): with REL = 6e-8 (2**-24) a rounding-sized change, the "
                     "yardstick of how far training amplifies rounding within --steps (default: off)")
@@ -220,8 +220,9 @@ def main() -> None:
                     "blocks = compile: inductor's (the image CNN and the text CNN's blocks; default), whole = the "
                     "image and the whole text CNN (the scope of the 2026-12-04 18:00 speed and drift figures; on "
                     "CPU it aborts the process)")
-    ap.add_argument("--one-step", action="store_true", help="one batch's gradients per module, eager TF32 off vs "
-                    "on (vs inductor with --inductor), instead of the training curves (BENCHMARKS.md section 11)")
+    ap.add_argument("--one-step", action="store_true", help="one batch's gradients per module against float64: "
+                    "eager TF32 off, on (and inductor with --inductor), instead of the training curves (BENCHMARKS.md "
+                    "section 11)")
     ap.add_argument("--train-images", type=int, default=4096, help="synthetic training images = classes")
     ap.add_argument("--classifier-classes", type=int, default=29783, help="rows of the shared W (Flickr30k's)")
     ap.add_argument("--image-size", type=int, default=None, help="synthetic prepared size (default from the crop)")
@@ -255,16 +256,15 @@ def main() -> None:
         if args.one_step:
             report_one_step(args, data, ckpt1, overrides, Path(tmp))
             return
-        modes = [("eager", "off"), ("eager again", "off")]
-        modes += [] if args.no_captured else [("captured", "cuda_graph")]
-        modes += [(f"eager, weights x (1 + {args.perturb:.2g} N(0,1))", "perturb")] if args.perturb else []
-        modes += [("captured + inductor", "inductor")] if args.inductor else []
-        for name, mode in modes:
-            step_mode = mode if cuda else "off"  # CPU: the captured run is the emulated graph of the tests
+        modes = [("eager", "off", 0.0), ("eager again", "off", 0.0)]  # (name, compile, relative weight noise)
+        modes += [] if args.no_captured else [("captured", "cuda_graph", 0.0)]
+        modes += [(f"eager, weights x (1 + {args.perturb:.2g} N(0,1))", "off", args.perturb)] if args.perturb else []
+        modes += [("captured + inductor", "inductor", 0.0)] if args.inductor else []
+        for name, mode, noise in modes:
             runs[name] = train(args.config, data, Path(tmp) / f"run{len(runs)}", ckpt1,
-                               {**overrides, "compile": "off" if mode == "perturb" else step_mode}, args.steps,
-                               args.weights_at, emulate=mode == "cuda_graph" and not cuda,
-                               relative_noise=args.perturb if mode == "perturb" else 0)
+                               {**overrides, "compile": mode if cuda else "off"}, args.steps, args.weights_at,
+                               emulate=mode == "cuda_graph" and not cuda,  # CPU: the tests' emulated graph
+                               relative_noise=noise)
             print(f"{name}: last loss/total {runs[name][0][-1]['loss/total']:.4f}", flush=True)
     ref = runs["eager"]
     rows = []

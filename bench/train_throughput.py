@@ -118,8 +118,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, nargs="+", default=None, help="global batch (default: config)")
     ap.add_argument("--compile", nargs="+", choices=("off", "cuda_graph", "inductor"), default=None,
                     help="step modes, the config's compile values (default: off and cuda_graph on CUDA, off on CPU); "
-                         "inductor = cuda_graph with the image and text CNNs compiled by torch.compile (opt-in, fp32, "
-                         "CUDA only)")
+                         "inductor = cuda_graph with the image CNN and the text CNN's blocks compiled by torch.compile "
+                         "(opt-in, fp32, CUDA only)")
     ap.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=None,
                     help="precisions (default: the config's)")
     ap.add_argument("--config", default=None, help="config file; {stage} is replaced by the stage (default "

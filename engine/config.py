@@ -81,7 +81,8 @@ class Config:
     channels_last: bool = True  # CUDA only
     # the training step (engine/step.py): "cuda_graph" captures it once and replays it (one launch per step);
     # "auto" = cuda_graph on one CUDA process outside fp16, else "off" (eager); "inductor" (opt-in, fp32) = cuda_graph
-    # with both CNNs compiled by torch.compile (faster; not identical to eager); may change on resume
+    # with the image CNN and the text CNN's blocks compiled by torch.compile (not identical to eager); may change on
+    # resume
     compile: str = "auto"
     eval_batch_size: int = 64
     log_every: int = 10  # steps between TensorBoard scalar writes

@@ -243,8 +243,9 @@ def test_inductor_mode_compiles_both_cnns_for_training_only(prepared, stage1_ckp
     """compile: inductor's plumbing, on CPU: the Trainer in that mode (its resolution needs CUDA, so it is forced)
     with torch.compile's "eager" backend (dynamo traces our modules, the same kernels run) and the emulated capture
     trains bit-identically to eager over 20 steps (mining in Stage II); the image CNN and the text CNN's blocks are
-    compiled (not the word embedding: engine.step.compile_cnns says why), their state-dict names unchanged (checkpoints load either way); validation's test-time features (a new shape per batch) add no
-    compiled graph. What inductor's own kernels do to the numbers needs a GPU (docs/training.md)."""
+    compiled (not the word embedding: engine.step.compile_cnns says why), their state-dict names unchanged
+    (checkpoints load either way); validation's test-time features (a new shape per batch) add no compiled graph.
+    Inductor's own kernels: the next test (CPU) and tests/test_cuda_step.py (GPU)."""
     from torch._dynamo.utils import counters
 
     import engine.loop as loop_mod
