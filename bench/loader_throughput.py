@@ -70,6 +70,8 @@ def run_loader(ds, workers: int, pin: bool, persistent: bool, prefetch: int, epo
 
 def device_side(ds, dev: torch.device, channels_last: bool, reps: int) -> list[list[str]]:
     """ms per batch and samples/s of the H2D copy (CUDA) and of the model's input normalisation on the device."""
+    import torch
+
     from models.image_cnn import IMAGENET_MEAN, IMAGENET_STD, normalize_pixels
 
     mean = torch.tensor([255 * m for m in IMAGENET_MEAN], device=dev)  # the torchvision style's constants

@@ -1,6 +1,7 @@
 """Helpers of the bench/ scripts whose numbers go into BENCHMARKS.md: they must do what their tables claim."""
 from __future__ import annotations
 
+import subprocess
 import sys
 from pathlib import Path
 
@@ -38,3 +39,15 @@ def test_perturb_is_a_rounding_sized_change_that_leaves_the_global_rng_alone():
     again.load_state_dict(before)
     graph_parity.perturb(again, rel)
     assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), after.values()))
+
+
+def test_loader_throughput_runs_end_to_end_on_cpu(tmp_path):
+    """bench/loader_throughput.py at its smoke settings (bench/run_all.sh SMOKE=1): in-process rate, a loader run, the
+    device-side rows and the recommendation are all printed (its device-side timing once lacked its torch import)."""
+    out = subprocess.run([sys.executable, str(ROOT / "bench" / "loader_throughput.py"), "--train-images", "64",
+                          "--image-size", "40", "--batches", "2", "--inprocess", "1", "--workers", "1",
+                          "--prefetch", "2", "--model-rate", "none", "--no-write", "--cache", str(tmp_path)],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "in-process:" in out.stdout and "workers 1 pin False persistent False prefetch 4" in out.stdout
+    assert "input normalisation on cpu" in out.stdout
