@@ -1,6 +1,7 @@
 """Helpers of the bench/ scripts whose numbers go into BENCHMARKS.md: they must do what their tables claim."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -51,3 +52,40 @@ def test_loader_throughput_runs_end_to_end_on_cpu(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     assert "in-process:" in out.stdout and "workers 1 pin False persistent False prefetch 4" in out.stdout
     assert "input normalisation on cpu" in out.stdout
+
+
+def test_gpu_check_runs_parts_in_order_and_keeps_the_demo_alone(tmp_path):
+    """bench/gpu_check.sh, dry-run on a copy of itself with a stand-in python and demo that record their calls: the
+    parts run in the order given, inductor's gradient check first; a leading demo runs before the shared synthetic
+    set is built (nothing else on the CPUs), while `all` builds it at once; a failing part makes the exit status 1."""
+    (tmp_path / "bench").mkdir()
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "bench" / "gpu_check.sh").write_text((ROOT / "bench" / "gpu_check.sh").read_text())
+    (tmp_path / "BENCHMARKS.md").write_text("# Benchmarks\n")
+    calls = tmp_path / "calls.log"
+    fake = tmp_path / "fakepy"
+    fake.write_text(f'#!/bin/bash\necho "PY $*" >> {calls}\n[ -z "$FAIL" ] || [[ "$*" != *$FAIL* ]]\n')
+    fake.chmod(0o755)
+    (tmp_path / "scripts" / "demo.sh").write_text(f'echo "DEMO $*" >> {calls}\n')
+
+    def check(*parts: str, fail: str = "") -> tuple[int, list[str]]:
+        calls.unlink(missing_ok=True)
+        r = subprocess.run(["bash", "bench/gpu_check.sh", *parts, "--out", str(tmp_path / "out")], cwd=tmp_path,
+                           env={**os.environ, "PYTHON": str(fake), "FAIL": fail}, capture_output=True, text=True,
+                           timeout=60)
+        names = []
+        for line in calls.read_text().splitlines()[1:]:  # [0]: the CUDA probe
+            words = line.split()
+            names.append("data" if "synthetic_prepared" in line else "demo" if words[0] == "DEMO" else
+                         " ".join(w for w in words[1:3] if not w.startswith("-")) +
+                         (" whole" if "whole" in line else " one-step" if "--one-step" in line else ""))
+        return r.returncode, names
+
+    rc, names = check("demo", "inductor")
+    assert rc == 0
+    assert names == ["demo", "data", "bench/graph_parity.py one-step", "bench/train_throughput.py",
+                     "bench/graph_parity.py", "pytest", "bench/graph_parity.py whole"], names
+    rc, names = check()  # all
+    assert rc == 0 and names[0] == "data" and names[-1] == "demo" and names.count("bench/train_throughput.py") == 10
+    rc, names = check("speed", fail="bf16")
+    assert rc == 1 and names.count("bench/train_throughput.py") == 4  # the other parts still ran
