@@ -2,7 +2,7 @@
 command-line overrides, and every YAML under configs/ carrying the spec's values (spec 6.3, 7.1-7.5).
 
 (Resuming with a changed recipe, and the resolved config in RUN_DIR/config.yaml and in checkpoints, are checked on
-real runs in tests/test_training.py.)
+real runs in tests/test_training.py and tests/test_checkpoints.py.)
 """
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ import engine.step as step_mod
 from engine import checkpoint as ckpt
 from engine.loop import NonFiniteLoss, Trainer
 from tests.test_step import SCHEDULE, sync_free, train_20
-from tests.test_training import STAGE2, STEPS_PER_EPOCH, make_prepared, tiny
+from tests.training_fixtures import STAGE2, STEPS_PER_EPOCH, make_prepared, tiny
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 

@@ -27,14 +27,14 @@ from engine.loop import NonFiniteLoss, Trainer
 from engine.step import EmulatedGraph, StepStats, resolve_mode
 from models import top1_accuracy, total_loss
 from utils.cli import UserError
-from tests.test_training import STAGE2, STEPS_PER_EPOCH, make_prepared, one_thread, tiny  # noqa: F401 (autouse)
+from tests.training_fixtures import STAGE2, STEPS_PER_EPOCH, make_prepared, one_thread, tiny  # noqa: F401 (autouse)
 
 SCHEDULE = [[2, 1.0], [3, 0.1]]  # 5 epochs of 4 steps = 20 steps, the LR falls tenfold after step 8
 
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    return make_prepared(tmp_path_factory.mktemp("step_data"))  # test_training's tiny data
+    return make_prepared(tmp_path_factory.mktemp("step_data"))  # the training tests' tiny data
 
 
 @pytest.fixture(scope="module")
@@ -343,7 +343,7 @@ def test_inductor_gradients_on_cpu_are_as_close_to_float64_as_eager():
 
 
 def test_mining_time_is_logged_in_eager_stage2(prepared, stage1_ckpt, tmp_path):
-    from tests.test_training import ScalarRecorder
+    from tests.training_fixtures import ScalarRecorder
 
     t = Trainer(tiny(**STAGE2), prepared, tmp_path / "run", init=stage1_ckpt)
     rec = ScalarRecorder(t)
