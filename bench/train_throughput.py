@@ -114,7 +114,8 @@ def main() -> None:
                     "CUDA, 2 on CPU)")
     ap.add_argument("--repeats", type=int, default=1, help="best of R, (a) and (b) interleaved (default 1)")
     ap.add_argument("--model-steps", type=int, default=None, help="steps of (b) (default: --steps)")
-    ap.add_argument("--workers", type=int, nargs="+", default=None, help="DataLoader workers (default: config)")
+    ap.add_argument("--workers", type=int, nargs="+", default=None,
+                    help="DataLoader workers (default: the config's; auto: as training resolves it)")
     ap.add_argument("--batch-size", type=int, nargs="+", default=None, help="global batch (default: config)")
     ap.add_argument("--compile", nargs="+", choices=("off", "cuda_graph", "inductor"), default=None,
                     help="step modes, the config's compile values (default: off and cuda_graph on CUDA, off on CPU); "
@@ -158,7 +159,9 @@ def main() -> None:
                        stage=stages[0])
     batch_sizes = args.batch_size or [base.batch_size]
     precisions = args.precision or [base.precision]
-    worker_counts = sorted(set(args.workers or [base.workers]))
+    from engine.data import resolve_workers
+
+    worker_counts = sorted(set(args.workers or [resolve_workers(base.workers, device())]))  # the config's (auto)
     needed = (args.warmup + args.steps) * max(batch_sizes)
     data = args.data
     if data is None:

@@ -74,7 +74,8 @@ class Config:
     checkpoint_every_steps: int = 0  # 0 = only at the end of each epoch
     # runtime
     seed: int = 0
-    workers: int = 2
+    workers: int | str = "auto"  # DataLoader processes: auto = 1 on CPU; on CUDA the cores per process minus 2, at
+    # most 16 (a GPU step outruns a few workers' decoding: docs/training.md); the batches are the same for any count
     prefetch_factor: int = 4
     precision: str = "fp32"  # the paper's (TF32 matmuls on GPUs that have them); bf16 = autocast, a speed option whose
     # effect on the paper's numbers is unmeasured; auto = bf16 on CUDA, fp32 on CPU; fp16 (+ loss scaler) pre-Ampere
@@ -117,6 +118,10 @@ def _check(key: str, value: Any, where: str) -> Any:
         close = difflib.get_close_matches(key, fields, n=3)
         hint = f" Did you mean {close}?" if close else ""
         raise ConfigError(f"{where}: unknown key {key!r}.{hint} Valid keys: {sorted(fields)}")
+    if key == "workers":
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+            return value
+        raise ConfigError(f"{where}: key 'workers' must be 'auto' or an integer >= 0, got {value!r}")
     default = getattr(Config(), key)
     kind = type(default)
     if kind is float and isinstance(value, int) and not isinstance(value, bool):

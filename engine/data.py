@@ -11,6 +11,7 @@ transfer, and the input convention travels with the checkpoint: ``models/image_c
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -267,6 +268,25 @@ class RunSampler:
 
     def __len__(self) -> int:
         return max(0, (self.epochs - self.epoch) * self.n_batches - self.batch)
+
+
+MAX_AUTO_WORKERS = 16
+
+
+def resolve_workers(workers: int | str, device: torch.device, cores: int | None = None,
+                    local_processes: int | None = None) -> int:
+    """The config's ``workers`` as a number. ``auto``: 1 on CPU (the model's own computation needs the cores and is
+    far slower than one worker's decoding); on CUDA the usable cores of this process (the node's, divided among the
+    ``torchrun`` processes on it) minus 2 (the main process and pinning), between 1 and 16."""
+    if workers != "auto":
+        return int(workers)
+    if device.type != "cuda":
+        return 1
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if local_processes is None:
+        local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(MAX_AUTO_WORKERS, cores // max(1, local_processes) - 2))
 
 
 # ---------------------------------------------------------------------------------------------- evaluation data

@@ -29,7 +29,7 @@ from models import DualPath, build_model, param_groups
 
 from . import checkpoint as ckpt
 from .config import Config, config_from_dict
-from .data import Prepared, RunSampler, TrainBatches, TrainSpec
+from .data import Prepared, RunSampler, TrainBatches, TrainSpec, resolve_workers
 from .dist import all_reduce_mean, all_reduce_min, barrier, global_batchnorm, init_distributed, is_main
 from .encode import allow_tf32, encode_split
 from .model_io import make_model
@@ -208,13 +208,14 @@ class Trainer:
     def _loader(self) -> DataLoader:
         """The batches from (epoch, batch) to the end of the run."""
         kwargs: dict[str, Any] = {}
-        if self.cfg.workers > 0:
+        workers = resolve_workers(self.cfg.workers, self.device)
+        if workers > 0:
             kwargs = {"prefetch_factor": self.cfg.prefetch_factor, "worker_init_fn": _ignore_stop_signals}
         # A private generator: creating the loader must not consume the global torch RNG (dropout), or a resumed
         # run would diverge from an uninterrupted one.
         return DataLoader(self.batches, batch_size=None,
                           sampler=RunSampler(len(self.batches), self.cfg.epochs, self.epoch, self.batch),
-                          num_workers=self.cfg.workers, pin_memory=self.device.type == "cuda",
+                          num_workers=workers, pin_memory=self.device.type == "cuda",
                           generator=torch.Generator(), **kwargs)
 
     def _next_batch(self) -> dict[str, torch.Tensor]:
@@ -232,7 +233,7 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
             self.log.print("resolved config:\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False)
-                           + f"step mode: {self.mode}")
+                           + f"step mode: {self.mode}\nloader workers: {resolve_workers(cfg.workers, self.device)}")
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             while self.epoch < cfg.epochs:

@@ -4,10 +4,6 @@
 launch() {  # python script args... (torchrun when NGPU > 1)
   if [ "${NGPU:-1}" -gt 1 ]; then torchrun --standalone --nproc_per_node="$NGPU" "$@"; else python "$@"; fi
 }
-loader_workers() {  # 1 on 2 cores (the model needs both), half the cores (at most 8) on larger hosts: one worker
-  # decodes ~1,500 demo samples/s, which a GPU outruns; the batches are the same for every worker count
-  local n=$(( $(nproc) / 2 )); echo $(( n < 1 ? 1 : n > 8 ? 8 : n ))
-}
 step_prepare() {
   if [ -f "$PREPARED/manifest.json" ]; then echo "[prepare] $PREPARED is complete: skipped"; return; fi
   echo "[prepare] -> $PREPARED"; local t0=$SECONDS; prepare_data

@@ -22,7 +22,7 @@ fi
 mkdir -p "$OUT"; echo "$SEED" > "$OUT/demo_seed"; echo "$RECIPE" > "$OUT/demo_recipe"
 RAW="$OUT/raw"; PREPARED="$OUT/prepared"; RUNS="$OUT"; BACKBONE="$OUT/backbone_resnet18.pth"
 CONFIG1=configs/demo.yaml; CONFIG2=configs/demo.yaml; NGPU=1
-TRAIN_ARGS=(--pretrained "$BACKBONE" --workers "$(loader_workers)"); EVAL_ARGS=(--visualize 5 --folds 5)  # the mean over 5 folds of 50 test images
+TRAIN_ARGS=(--pretrained "$BACKBONE"); EVAL_ARGS=(--visualize 5 --folds 5)  # the mean over 5 folds of 50 test images
 START=$(date +%s)
 prepare_data() {
   [ -f "$RAW/dataset_flickr30k.json" ] || python -m prepare.synthetic --out "$RAW" --images 1300 --val 50 \

@@ -14,7 +14,7 @@ NGPU=${NGPU:-1}
 IMAGE_SIZE=${IMAGE_SIZE:-144}
 if [ -z "${TRAIN_ARGS+x}" ]; then   # CPU defaults for the 1k subset: not the paper's recipe
   TRAIN_ARGS=(--arch resnet18 --pretrained none --backbone_bn update --train_crop 128 --feature_dim 512
-              --text_width 0.25 --dropout 0.0 --workers 1)
+              --text_width 0.25 --dropout 0.0)
   STAGE1_EPOCHS=${STAGE1_EPOCHS:-'[[20, 1.0]]'}; STAGE2_EPOCHS=${STAGE2_EPOCHS:-'[[3, 1.0]]'}
   STAGE1_LR=${STAGE1_LR:-1.0}; STAGE2_LR=${STAGE2_LR:-0.1}
 fi

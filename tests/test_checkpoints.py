@@ -260,6 +260,7 @@ def test_resume_after_sigkill_is_bit_identical(uninterrupted, prepared, tmp_path
     rc, out, err = finish(launch(prepared, run, tmp_path / "resumed", workers=0), tmp_path / "resumed")
     assert rc == 0, err
     assert f"resumed from {path}: epoch 1, batch {killed['batch']}, step {killed['step']}" in err
+    assert "loader workers: 0" in err  # the runtime key as this run uses it (the resolved number)
     final = ckpt.load(path)
     assert final["complete"] and final["epoch"] == 2 and final["step"] == 2 * STEPS_PER_EPOCH
     assert [h["epoch"] for h in final["history"]] == [1, 2]

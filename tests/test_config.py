@@ -58,6 +58,27 @@ def test_bad_choice_lists_choices(tmp_path):
         load_config(None, {"stage": 3})
 
 
+def test_workers_is_auto_or_a_count_and_auto_follows_the_device():
+    """``workers`` (a runtime key, default auto): 'auto' or an integer >= 0, nothing else. auto is 1 on CPU whatever
+    the cores; on CUDA the cores per torchrun process minus 2, between 1 and 16 (a 2-worker default starved the
+    GPU step: docs/training.md). A number is kept as given on either device."""
+    import torch
+
+    from engine.data import resolve_workers
+
+    assert Config().workers == "auto" and load_config(None, {"workers": 0}).workers == 0
+    assert load_config(None, {"workers": "auto"}).workers == "auto"
+    for bad in (-1, "many", True, 1.5, None):
+        with pytest.raises(ConfigError, match="'workers' must be 'auto' or an integer >= 0"):
+            load_config(None, {"workers": bad})
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)  # a device object needs no GPU
+    assert [resolve_workers("auto", cpu, cores=c) for c in (1, 2, 64)] == [1, 1, 1]
+    assert [resolve_workers("auto", cuda, cores=c, local_processes=1) for c in (1, 2, 3, 4, 16, 17, 18, 128)] == \
+        [1, 1, 1, 2, 14, 15, 16, 16]
+    assert [resolve_workers("auto", cuda, cores=64, local_processes=n) for n in (1, 4, 8, 64)] == [16, 14, 6, 1]
+    assert resolve_workers(0, cuda, cores=16) == 0 and resolve_workers(3, cpu) == 3
+
+
 @pytest.mark.parametrize("schedule", [[], [[40]], [[40, 1.0, 2]], [[0, 1.0]], [[-1, 1.0]], [[40, "fast"]],
                                       [40, 1.0], [[1.5, 1.0]]])
 def test_malformed_lr_schedule_rejected(schedule):
