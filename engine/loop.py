@@ -58,7 +58,7 @@ def validate(module: DualPath, data: Prepared, cfg: Config, device: torch.device
              ) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
     """Val-split retrieval metrics and the encoded features (spec 8.1 test-time features)."""
     feats = encode_split(module, data, "val", device, batch_size=cfg.eval_batch_size, precision=cfg.precision,
-                         channels_last=channels_last, workers=resolve_workers(cfg.workers, device))
+                         channels_last=channels_last)
     directions = ("t2i",) if data.manifest.get("match") == "person" else ("i2t", "t2i")
     t = {k: torch.from_numpy(np.asarray(v)) for k, v in feats.items()}
     metrics = evaluate_retrieval(t["images"].to(device), t["texts"].to(device), t["image_labels"].to(device),
