@@ -1,10 +1,14 @@
 #!/usr/bin/env bash
-# Every GPU figure of the training-speed work in one run (a GPU host; `all` took 11 min on one H200, 2026-12-04):
-#   bash bench/gpu_check.sh [all|mechanics|speed|rows|inductor|demo]... [--out DIR]
+# Every GPU figure of the training-speed work in one run (a GPU host; `all` took 11 min on one H200 on
+# 2026-12-04, before breakdown was added):
+#   bash bench/gpu_check.sh [all|mechanics|speed|breakdown|rows|inductor|demo]... [--out DIR]
 # mechanics: the CUDA tests of the captured step (tests/test_cuda_step.py), eager vs captured parity over 200 steps
 #            of the Flickr30k Stage II recipe (bench/graph_parity.py);
 # speed:     ResNet-50 Flickr30k recipes at the paper's batch of 32, eager and captured, fp32 (TF32) and bf16, and
 #            captured at 128 and 256 (bench/train_throughput.py), plus one validation pass;
+# breakdown: where the captured step's GPU time goes, part by part (image path, text path, mining's forwards, SGD),
+#            Stage I and II of the same recipes, fp32 and bf16 (bench/step_breakdown.py; not yet run on a GPU:
+#            ~2 min estimated from the speed part's Trainer builds and captures);
 # rows:      the other recipe rows at batch 32, captured, each with its dataset's W: ResNet-152 and VGG-19 (Flickr30k,
 #            29,783 classes), ResNet-50 and VGG-19 (MSCOCO, 113,287), ResNet-50 and VGG-16 (CUHK-PEDES, 11,003);
 #            ROWS="coco_vgg19:113287 ..." (config prefix:classes) measures only those; 90 steps each (with 30, two
@@ -18,7 +22,8 @@
 # demo:      scripts/demo.sh end to end, timed (alone on the machine: the shared synthetic set is built after it
 #            when demo is the first part).
 # Parts run in the order given. With one short device session (15 min, 10 per command):
-#   timeout 570 bash bench/gpu_check.sh demo inductor --out DIR   (the demo, then inductor's figures by priority)
+#   timeout 570 bash bench/gpu_check.sh demo inductor --out DIR   (the demo, then inductor's figures by priority;
+#   `breakdown speed` is the next session's: where the time goes, and the default mode's figures again)
 # Tables are appended to DIR/BENCHMARKS.md (default: the repository's BENCHMARKS.md), logs to DIR/*.log. Runs with
 # the python on PATH (or .venv's); a failing part does not stop the others; exit 1 if any failed.
 set -uo pipefail
@@ -27,12 +32,13 @@ PARTS=(); OUTDIR=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) OUTDIR="$2"; shift 2 ;;
-    all|mechanics|speed|rows|inductor|demo) PARTS+=("$1"); shift ;;
-    *) echo "usage: bash bench/gpu_check.sh [all|mechanics|speed|rows|inductor|demo]... [--out DIR]" >&2; exit 2 ;;
+    all|mechanics|speed|breakdown|rows|inductor|demo) PARTS+=("$1"); shift ;;
+    *) echo "usage: bash bench/gpu_check.sh [all|mechanics|speed|breakdown|rows|inductor|demo]... [--out DIR]" >&2
+       exit 2 ;;
   esac
 done
 [ ${#PARTS[@]} -gt 0 ] || PARTS=(all)
-[[ " ${PARTS[*]} " == *" all "* ]] && PARTS=(mechanics speed rows demo)
+[[ " ${PARTS[*]} " == *" all "* ]] && PARTS=(mechanics speed breakdown rows demo)
 PY="${PYTHON:-$( [ -x .venv/bin/python ] && echo .venv/bin/python || echo python3 )}"
 OUTDIR="${OUTDIR:-.}"; mkdir -p "$OUTDIR"
 MD="$OUTDIR/BENCHMARKS.md"; [ "$OUTDIR" = . ] && MD=BENCHMARKS.md
@@ -76,6 +82,9 @@ for part in "${PARTS[@]}"; do
       # one epoch of the 4,096-image set holds 32 batches of 128 and 16 of 256: warm-up + steps fit in it
       run speed_b128 120 "${TT[@]}" --steps 24 --warmup 8 --batch-size 128 --compile cuda_graph
       run speed_b256 120 "${TT[@]}" --steps 12 --warmup 4 --batch-size 256 --compile cuda_graph ;;
+    breakdown)
+      wait_data
+      run breakdown 240 "$PY" bench/step_breakdown.py --output "$MD" --precision fp32 bf16 ;;
     rows)
       wait_data
       for row in ${ROWS:-flickr30k_resnet152:29783 flickr30k_vgg19:29783 coco:113287 coco_vgg19:113287 \

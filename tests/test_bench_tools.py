@@ -12,6 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "bench") not in sys.path:
     sys.path.append(str(ROOT / "bench"))  # bench/ scripts import their neighbours by name
 import graph_parity  # noqa: E402  (bench/graph_parity.py)
+import step_breakdown  # noqa: E402  (bench/step_breakdown.py)
 
 
 def test_perturb_is_a_rounding_sized_change_that_leaves_the_global_rng_alone():
@@ -90,5 +91,64 @@ def test_gpu_check_runs_parts_in_order_and_keeps_the_demo_alone(tmp_path):
     assert rc == 0 and names[0] in ("data", "pytest") and names[-1] == "demo"  # the CUDA tests need no data
     assert names.index("data") < names.index("bench/graph_parity.py")  # waited for before the first use
     assert names.count("bench/train_throughput.py") == 10
+    assert names.index("bench/train_throughput.py") < names.index("bench/step_breakdown.py") < names.index("demo")
     rc, names = check("speed", fail="bf16")
     assert rc == 1 and names.count("bench/train_throughput.py") == 4  # the other parts still ran
+
+
+def test_step_breakdown_parts_compute_what_they_name(tmp_path):
+    """bench/step_breakdown.py times the step's parts one by one; each must be the computation its row names. On a
+    tiny Stage II Trainer: the image path gives gradients to the image CNN and the shared W only, the text path to
+    the text CNN and W only; the mining forwards create no gradient, leave the module in train mode and pick the
+    same negatives as the step's own mining; the optimizer part moves the weights; a Snapshot restores weights,
+    BatchNorm statistics, gradients and momentum exactly; 'rest' is the whole minus the parts."""
+    from engine.loop import Trainer
+    from tests.training_fixtures import STAGE2, make_prepared, tiny
+
+    prepared = make_prepared(tmp_path / "data")
+    t1 = Trainer(tiny(), prepared, tmp_path / "s1")
+    t1.save()
+    t = Trainer(tiny(**{**STAGE2, "dropout": 0.0}), prepared, tmp_path / "s2", init=tmp_path / "s1" / "checkpoint_last.pt")
+    batch = t.batches[0]
+    t.train_step(batch)  # gradients and momentum exist, as after the bench's whole-step timing
+    results: dict[str, torch.Tensor] = {}
+    parts = step_breakdown.step_parts(t, batch, results)  # the argmax's inputs: the mining forwards, now
+    mined_tokens, _ = t._mine(t.module.image.normalize(batch["images"]), batch)  # the step's mining, same state
+    names = list(parts)
+    assert [n.split(" ")[0] for n in names] == ["image", "text", "mining:", "mining:", "mining:", "optimizer"], names
+    params = dict(t.module.named_parameters())
+
+    def grads_after(part: str) -> set[str]:
+        t.module.zero_grad(set_to_none=True)
+        parts[part]()
+        return {n for n, p in params.items() if p.grad is not None and p.grad.abs().sum() > 0}
+
+    trainable = {n for n, p in params.items() if p.requires_grad}
+    image = grads_after(names[0])
+    assert image == {n for n in trainable if n.startswith(("image.", "classifier."))}
+    text = grads_after(names[1])
+    # text.embed_bias: the BatchNorm right after it cancels its gradient to rounding (BENCHMARKS section 11)
+    assert text - {"text.embed_bias"} == {n for n in trainable if n.startswith(("text.", "classifier."))
+                                          and n != "text.embed_bias"}
+    for name in names[2:5]:
+        assert grads_after(name) == set() and t.module.training, name
+    parts[names[4]]()
+    assert torch.equal(batch["cand_tokens"][results["idx"]], mined_tokens)
+
+    grads_after(names[0]), grads_after(names[1])  # gradients of the whole path again
+    snap = step_breakdown.Snapshot(t)
+    before = {k: v.clone() for k, v in t.module.state_dict().items()}
+    grads = {n: p.grad.clone() for n, p in params.items() if p.grad is not None}
+    momentum = [v.clone() for st in t.optimizer.state.values() for v in st.values() if torch.is_tensor(v)]
+    parts[names[0]](), parts[names[-1]]()
+    after = t.module.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before if k.endswith("weight"))  # SGD moved weights
+    snap.restore()
+    assert all(torch.equal(before[k], v) for k, v in t.module.state_dict().items())
+    assert all(torch.equal(grads[n], params[n].grad) for n in grads)
+    assert all(torch.equal(a, b) for a, b in zip(
+        momentum, [v for st in t.optimizer.state.values() for v in st.values() if torch.is_tensor(v)]))
+
+    rows = step_breakdown.rows_of(2, "fp32", 32, [("whole step (cuda_graph)", 0.010), ("a", 0.004), ("b", 0.003)])
+    assert rows[0][3:] == ["10.00", "100 %", "3200"] and rows[1][3:] == ["4.00", "40 %", "8000"]
+    assert rows[-1][2:5] == ["rest (whole - parts)", "3.00", "30 %"]
