@@ -114,6 +114,34 @@ def append_to_benchmarks(block: str, path: Path, heading: str) -> None:
     path.write_text(text[:end].rstrip("\n") + f"\n\n{block}" + ("\n" + text[end:] if nxt >= 0 else ""))
 
 
+FLICKR30K_CLASSES = 29783  # the shared W's rows in the Flickr30k recipes (its training images)
+
+
+def add_recipe_args(ap: argparse.ArgumentParser) -> None:
+    """The training benchmarks' recipe and data (train_throughput.py, step_breakdown.py): the paper's Flickr30k recipe
+    on CUDA, the demo on CPU, on the synthetic dataset with the shared W at the real dataset's size.
+    ``recipe_defaults`` fills what depends on the device."""
+    ap.add_argument("--config", default=None, help="config file; {stage} is replaced by the stage (default "
+                    "configs/flickr30k_stage{stage}.yaml on CUDA, configs/demo.yaml on CPU)")
+    ap.add_argument("--pretrained", default="none", help="config override (default %(default)s: no weights here)")
+    ap.add_argument("--data", type=Path, default=None, help="a prepared directory (default: synthetic, cached)")
+    ap.add_argument("--train-images", type=int, default=None,
+                    help="synthetic training images = classes (default 4096 on CUDA, 600 on CPU)")
+    ap.add_argument("--classifier-classes", type=int, default=None,
+                    help=f"rows of the shared W, at least the data's classes (default {FLICKR30K_CLASSES} on CUDA: "
+                         "Flickr30k's; the data's on CPU)")
+    ap.add_argument("--image-size", type=int, default=None, help="synthetic prepared size (default 256 for 224, 72 for "
+                    "64 crops, 144 for 128 crops)")
+    ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="synthetic data cache (default %(default)s)")
+
+
+def recipe_defaults(args: argparse.Namespace, cuda: bool) -> None:
+    """Fill ``add_recipe_args``'s device-dependent defaults in place (config, training images, W's rows)."""
+    args.config = args.config or ("configs/flickr30k_stage{stage}.yaml" if cuda else "configs/demo.yaml")
+    args.train_images = args.train_images or (4096 if cuda else 600)
+    args.classifier_classes = args.classifier_classes or (FLICKR30K_CLASSES if cuda else 0)
+
+
 def add_output_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--output", type=Path, default=BENCHMARKS, help="markdown file to append to (default %(default)s)")
     ap.add_argument("--no-write", action="store_true", help="print the table only; do not touch --output")

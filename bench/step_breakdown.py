@@ -31,13 +31,12 @@ from pathlib import Path
 from typing import Callable
 
 import common  # noqa: F401  (puts the repository root on sys.path)
-from common import (DEFAULT_CACHE, add_output_args, build_trainer, default_image_size, device, model_step_fn,
-                    pad_classifier, report, synthetic_prepared, table, time_repeated)
+from common import (add_output_args, add_recipe_args, build_trainer, default_image_size, device, model_step_fn,
+                    pad_classifier, recipe_defaults, report, synthetic_prepared, table, time_repeated)
 
 from utils.cli import ArgumentParser  # noqa: E402
 
 HEADING = "## 12. Where a training step's device time goes"
-FLICKR30K_CLASSES = 29783
 
 
 def step_parts(trainer, batch: dict, results: dict | None = None) -> dict[str, Callable[[], None]]:
@@ -164,14 +163,7 @@ def main() -> None:
                     help="the whole step's mode (default cuda_graph on CUDA, off on CPU)")
     ap.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=None,
                     help="precisions (default: the config's)")
-    ap.add_argument("--config", default=None, help="config file; {stage} is replaced by the stage (default "
-                    "configs/flickr30k_stage{stage}.yaml on CUDA, configs/demo.yaml on CPU)")
-    ap.add_argument("--pretrained", default="none", help="config override (default %(default)s: no weights here)")
-    ap.add_argument("--train-images", type=int, default=None,
-                    help="synthetic training images = classes (default 4096 on CUDA, 600 on CPU)")
-    ap.add_argument("--classifier-classes", type=int, default=None,
-                    help=f"rows of the shared W (default {FLICKR30K_CLASSES} on CUDA: Flickr30k's; the data's on CPU)")
-    ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="synthetic data cache (default %(default)s)")
+    add_recipe_args(ap)  # --config --pretrained --data --train-images --classifier-classes --image-size --cache
     add_output_args(ap)
     args = ap.parse_args()
     import torch  # after parsing: --help answers at once (docs/cli.md)
@@ -186,12 +178,12 @@ def main() -> None:
     args.warmup = args.warmup or (8 if cuda else 3)
     if mode != "off" and args.warmup <= GRAPH_WARMUP:
         ap.error(f"--warmup must exceed the {GRAPH_WARMUP} eager steps before the capture")
-    args.config = args.config or ("configs/flickr30k_stage{stage}.yaml" if cuda else "configs/demo.yaml")
+    recipe_defaults(args, cuda)
     stages = sorted(set(args.stage))
     base = load_config(common.config_path(args.config, stages[0]), {"pretrained": args.pretrained}, stage=stages[0])
-    data = synthetic_prepared(args.train_images or (4096 if cuda else 600), default_image_size(base.train_crop),
-                              args.cache)
-    classes = args.classifier_classes or (FLICKR30K_CLASSES if cuda else 0)
+    data = args.data or synthetic_prepared(args.train_images, args.image_size or default_image_size(base.train_crop),
+                                           args.cache)
+    classes = args.classifier_classes
     rows: list[list] = []
     with tempfile.TemporaryDirectory(prefix="bench_parts_") as tmp, pad_classifier(classes):
         ckpt1 = None
@@ -214,7 +206,7 @@ def main() -> None:
     title = (f"{Path(args.config).name}: {base.arch}, crop {base.train_crop}, batch {base.batch_size}, W "
              f"{max(classes, p.num_classes)} classes{' + channels_last' if base.channels_last and cuda else ''}, "
              f"{args.steps} calls per part, {device().type}")
-    notes = [f"Data: {data} (synthetic, one batch); pretrained {args.pretrained}. Each part alone on that batch"
+    notes = [f"Data: {data} ({'synthetic' if args.data is None else p.manifest.get('dataset')}, one batch); pretrained {args.pretrained}. Each part alone on that batch"
              f"{', captured in its own CUDA graph' if cuda else ', eager'}: 'share' is of the whole step, 'pairs/s "
              "if alone' the batch over the part's time (the ceiling it sets); 'rest' = whole - parts (losses, "
              "ranking loss, normalisation, statistics; below 0 where the parts alone took longer than inside the "

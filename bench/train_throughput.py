@@ -37,13 +37,12 @@ import time
 from pathlib import Path
 
 import common  # noqa: F401  (puts the repository root on sys.path)
-from common import (DEFAULT_CACHE, add_output_args, build_trainer, default_image_size, device,
-                    model_step_fn, pad_classifier, report, sync, synthetic_prepared, table, time_repeated)
+from common import (add_output_args, add_recipe_args, build_trainer, default_image_size, device, model_step_fn,
+                    pad_classifier, recipe_defaults, report, sync, synthetic_prepared, table, time_repeated)
 
 from utils.cli import ArgumentParser  # noqa: E402
 
 HEADING = "## 1. Training step: real loop vs the model's own step"
-FLICKR30K_CLASSES = 29783
 
 
 class _Done(Exception):
@@ -123,19 +122,7 @@ def main() -> None:
                          "(opt-in, fp32, CUDA only)")
     ap.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=None,
                     help="precisions (default: the config's)")
-    ap.add_argument("--config", default=None, help="config file; {stage} is replaced by the stage (default "
-                    "configs/flickr30k_stage{stage}.yaml on CUDA, configs/demo.yaml on CPU)")
-    ap.add_argument("--pretrained", default="none", help="config override (default %(default)s: no weights here)")
-    ap.add_argument("--data", type=Path, default=None, help="a prepared directory (default: synthetic, cached)")
-    ap.add_argument("--train-images", type=int, default=None,
-                    help="synthetic training images = classes (default 4096 on CUDA, 600 on CPU, raised to "
-                         "(warmup + steps) x batch when needed)")
-    ap.add_argument("--classifier-classes", type=int, default=None,
-                    help=f"rows of the shared W, at least the data's classes (default {FLICKR30K_CLASSES} on CUDA: "
-                         "Flickr30k's; the data's on CPU)")
-    ap.add_argument("--image-size", type=int, default=None, help="synthetic prepared size (default 256 for 224, 72 for 64 "
-                    "crops, 144 for 128 crops)")
-    ap.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="synthetic data cache (default %(default)s)")
+    add_recipe_args(ap)  # --config --pretrained --data --train-images (raised to (warmup + steps) x batch) ...
     ap.add_argument("--validate", action="store_true", help="also time one validation pass (the second of two) of "
                     "the first Trainer: the val split's images and captions, as each epoch's end runs it")
     add_output_args(ap)
@@ -147,7 +134,7 @@ def main() -> None:
     cuda = torch.cuda.is_available()
     args.steps = args.steps or (100 if cuda else 10)
     args.warmup = args.warmup or (20 if cuda else 2)
-    args.config = args.config or ("configs/flickr30k_stage{stage}.yaml" if cuda else "configs/demo.yaml")
+    recipe_defaults(args, cuda)
     modes = args.compile or (["off", "cuda_graph"] if cuda else ["off"])
     from engine.config import load_config
     from engine.step import GRAPH_WARMUP
@@ -165,9 +152,9 @@ def main() -> None:
     needed = (args.warmup + args.steps) * max(batch_sizes)
     data = args.data
     if data is None:
-        n_train = max(args.train_images or (4096 if cuda else 600), needed)
+        n_train = max(args.train_images, needed)
         data = synthetic_prepared(n_train, args.image_size or default_image_size(base.train_crop), args.cache)
-    classes = args.classifier_classes or (FLICKR30K_CLASSES if cuda else 0)
+    classes = args.classifier_classes
     dev = device()
     rows: list[list] = []
     val_note: list[str] = []
