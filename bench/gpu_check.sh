@@ -5,7 +5,8 @@
 # mechanics: the CUDA tests of the captured step (tests/test_cuda_step.py), eager vs captured parity over 200 steps
 #            of the Flickr30k Stage II recipe (bench/graph_parity.py);
 # speed:     ResNet-50 Flickr30k recipes at the paper's batch of 32, eager and captured, fp32 (TF32) and bf16, and
-#            captured at 128 and 256 (bench/train_throughput.py), plus one validation pass;
+#            captured at 128 and 256 (bench/train_throughput.py, with each run's peak GPU memory), plus one
+#            validation pass;
 # breakdown: where the captured step's GPU time goes, part by part (image path, text path, mining's forwards, SGD),
 #            Stage I and II of the same recipes, fp32 and bf16 (bench/step_breakdown.py; not yet run on a GPU:
 #            ~2 min estimated from the speed part's Trainer builds and captures);

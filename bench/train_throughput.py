@@ -16,7 +16,8 @@ precision and worker count:
 
 Reported: pairs/s of (a) and (b), a/b; fractions of (a)'s window spent waiting for the loader, on the host inside
 the step (launching work: near 100 % means the host, not the device, sets the pace), and reading the statistics
-(the window's sync); the mining alone (eager, synchronised) as a share of (a)'s step time.
+(the window's sync); the mining alone (eager, synchronised) as a share of (a)'s step time; on CUDA the peak device
+memory allocated while the Trainer ran (what a GPU needs for the recipe in that step mode).
 
 Defaults: on CPU configs/demo.yaml (ResNet-18, 64-px crops, demo widths) on the synthetic dataset prepared at 72 px,
 eager only; on CUDA the recipe configs/flickr30k_stage{1,2}.yaml (ResNet-50, 224, batch 32, fp32 with TF32,
@@ -195,9 +196,12 @@ def main() -> None:
              "steps); (b) = the same Trainer's step (same mode, mining included) on one batch already on the device. "
              "Fractions are of (a)'s synchronised window: 'data wait' = in the loader's next(); 'host in step' = "
              "the host inside train_step (launching); 'log + sync' = reading the statistics; 'mining alone' = the "
-             "eager mining timed synchronised, as a share of (a)'s step time.", *val_note]
+             "eager mining timed synchronised, as a share of (a)'s step time; 'peak GiB' = "
+             "torch.cuda.max_memory_allocated over this Trainer's runs (model, optimizer state, inputs and the "
+             "captured graph's pool; CUDA only).", *val_note]
     lines = table(["stage", "batch", "compile", "precision", "workers", "(a) loop pairs/s", "(b) model step pairs/s",
-                   "a/b", ">= 90 %", "data wait", "host in step", "log + sync", "mining alone"], rows, "r" * 13)
+                   "a/b", ">= 90 %", "data wait", "host in step", "log + sync", "mining alone", "peak GiB"], rows,
+                  "r" * 14)
     report(args, HEADING, title, notes, lines)
 
 
@@ -221,6 +225,11 @@ def measure(trainer, args, worker_counts, dev, stage, bs, precision, mode) -> li
     """Rows of one Trainer: (a) per worker count, (b), mining alone."""
     if len(trainer.batches) < args.warmup + args.steps:
         raise SystemExit(f"{len(trainer.batches)} batches of {bs} per epoch < warmup + steps")
+    import torch
+
+    cuda = trainer.device.type == "cuda"
+    if cuda:  # the peak over this Trainer's loop and model-step runs (model, optimizer, graph pools included)
+        torch.cuda.reset_peak_memory_stats(trainer.device)
     loops: dict[int, list] = {w: [] for w in worker_counts}
     models = []
     model_step = model_step_fn(trainer, trainer.batches[0])
@@ -236,6 +245,7 @@ def measure(trainer, args, worker_counts, dev, stage, bs, precision, mode) -> li
     model = max(models)
     hard = stage == 2 and trainer.cfg.negatives == "hard"
     mine = mining_alone_s(trainer, max(3, args.steps // 4)) if hard else 0.0
+    peak = f"{torch.cuda.max_memory_allocated(trainer.device) / 2 ** 30:.1f}" if cuda else "–"
     rows = []
     for w in worker_counts:
         m = max(loops[w], key=lambda r: r["pairs_s"])
@@ -243,7 +253,7 @@ def measure(trainer, args, worker_counts, dev, stage, bs, precision, mode) -> li
         rows.append([stage, bs, mode, precision, w, f"{m['pairs_s']:.1f}", f"{model:.1f}", f"{100 * ratio:.0f} %",
                      "yes" if ratio >= 0.9 else "**no**", f"{100 * m['wait']:.1f} %", f"{100 * m['host_step']:.0f} %",
                      f"{100 * m['log_sync']:.1f} %",
-                     f"{1000 * mine:.1f} ms = {100 * mine / m['step_s']:.1f} %" if hard else "–"])
+                     f"{1000 * mine:.1f} ms = {100 * mine / m['step_s']:.1f} %" if hard else "–", peak])
     return rows
 
 
