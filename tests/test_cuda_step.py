@@ -5,7 +5,8 @@ steps of Stage I and Stage II (mining, dropout, an LR drop after step 8): one ca
 without a re-capture, losses and weights equal to eager within float tolerance; a non-finite J is caught with its
 step under capture; bf16 autocast captures; the whole loop (one loader iterator, pinned copies, statistics read at
 log steps, validation between epochs) runs captured and resumes into eager; ``compile: inductor`` (opt-in) trains,
-its first step within rounding of eager's, and resumes into eager.
+its first step within rounding of eager's, and resumes into eager; bench/step_breakdown.py's parts, each captured in
+its own graph, replay what they compute eagerly.
 """
 from __future__ import annotations
 
@@ -158,3 +159,57 @@ def test_inductor_first_step_matches_eager_then_trains_and_resumes_eager(prepare
     assert state["step_mode"] == "inductor" and "val" in state["history"][-1]
     resumed = Trainer(tiny(**cfg, compile="off"), prepared, run, init=stage1_ckpt, resume="auto")
     assert resumed.fit()["steps"] == 3 * STEPS_PER_EPOCH and resumed.mode == "off"
+
+
+def test_breakdown_parts_replay_what_they_compute_eagerly(prepared, stage1_ckpt, tmp_path):
+    """bench/step_breakdown.py times each part of the step captured in its own CUDA graph after the run's captured
+    step: every part must capture there, and one replay must compute what the part computes eagerly (each path's
+    gradients, the mining's chosen negatives, the SGD step's weights) from the same state."""
+    import sys
+    from pathlib import Path
+
+    sys.path.append(str(Path(__file__).resolve().parents[1] / "bench"))
+    import step_breakdown  # bench/step_breakdown.py
+
+    torch.backends.cudnn.deterministic = True
+    try:
+        t = Trainer(tiny(**{**STAGE2, "dropout": 0.0}, compile="cuda_graph"), prepared, tmp_path / "s2",
+                    init=stage1_ckpt)
+        batch = t.batches[0]
+        for _ in range(step_mod.GRAPH_WARMUP + 2):  # the bench times the whole (captured) step first
+            t.train_step(batch)
+        assert t.stepper.graph is not None
+        snap = step_breakdown.Snapshot(t)
+        params = [p for p in t.module.parameters() if p.grad is not None]
+        results: dict[str, torch.Tensor] = {}
+        parts = step_breakdown.step_parts(t, batch, results)
+        assert len(parts) == 6
+
+        def outcome(name: str) -> list[torch.Tensor]:
+            if name.startswith("mining: hardest"):
+                return [results["idx"].clone()]
+            if name.startswith("mining"):
+                return [results["anchor" if "image" in name else "pool"].clone()]
+            if name.startswith("optimizer"):
+                return [p.detach().clone() for p in params]
+            return [p.grad.clone() for p in params]
+
+        def start() -> None:  # the snapshot; a backward part's gradients alone (it accumulates into them)
+            snap.restore()
+            if name.endswith("backward)"):
+                for p in params:
+                    p.grad.zero_()
+
+        for name, fn in parts.items():
+            start()
+            fn()  # eager, from the snapshot
+            want = outcome(name)
+            replay = step_breakdown.graphed(fn, t.device)  # 3 warm-up calls, then the capture
+            start()
+            replay()
+            torch.cuda.synchronize()
+            for a, b in zip(want, outcome(name)):
+                assert torch.equal(a, b) if not a.is_floating_point() else close(a, b) < 1e-4, name
+        t.log.close()
+    finally:
+        torch.backends.cudnn.deterministic = False
