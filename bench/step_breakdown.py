@@ -96,7 +96,8 @@ def step_parts(trainer, batch: dict, results: dict | None = None) -> dict[str, C
 
 
 def graphed(fn: Callable[[], None], dev) -> Callable[[], None]:
-    """``fn`` captured in a CUDA graph (after 3 warm-up calls on a side stream), returned as its replay; on CPU ``fn``."""
+    """``fn`` captured in a CUDA graph (after 3 warm-up calls on a side stream), returned as its replay; on CPU
+    ``fn`` itself."""
     import torch
 
     if dev.type != "cuda":
@@ -206,7 +207,8 @@ def main() -> None:
     title = (f"{Path(args.config).name}: {base.arch}, crop {base.train_crop}, batch {base.batch_size}, W "
              f"{max(classes, p.num_classes)} classes{' + channels_last' if base.channels_last and cuda else ''}, "
              f"{args.steps} calls per part, {device().type}")
-    notes = [f"Data: {data} ({'synthetic' if args.data is None else p.manifest.get('dataset')}, one batch); pretrained {args.pretrained}. Each part alone on that batch"
+    kind = "synthetic" if args.data is None else p.manifest.get("dataset")
+    notes = [f"Data: {data} ({kind}, one batch); pretrained {args.pretrained}. Each part alone on that batch"
              f"{', captured in its own CUDA graph' if cuda else ', eager'}: 'share' is of the whole step, 'pairs/s "
              "if alone' the batch over the part's time (the ceiling it sets); 'rest' = whole - parts (losses, "
              "ranking loss, normalisation, statistics; below 0 where the parts alone took longer than inside the "

@@ -108,7 +108,8 @@ def test_step_breakdown_parts_compute_what_they_name(tmp_path):
     prepared = make_prepared(tmp_path / "data")
     t1 = Trainer(tiny(), prepared, tmp_path / "s1")
     t1.save()
-    t = Trainer(tiny(**{**STAGE2, "dropout": 0.0}), prepared, tmp_path / "s2", init=tmp_path / "s1" / "checkpoint_last.pt")
+    t = Trainer(tiny(**{**STAGE2, "dropout": 0.0}), prepared, tmp_path / "s2",
+                init=tmp_path / "s1" / "checkpoint_last.pt")
     batch = t.batches[0]
     t.train_step(batch)  # gradients and momentum exist, as after the bench's whole-step timing
     results: dict[str, torch.Tensor] = {}
