@@ -223,8 +223,9 @@ def validation_note(trainer) -> str:
 
 def measure(trainer, args, worker_counts, dev, stage, bs, precision, mode) -> list[list]:
     """Rows of one Trainer: (a) per worker count, (b), mining alone."""
-    if len(trainer.batches) < args.warmup + args.steps:
-        raise SystemExit(f"{len(trainer.batches)} batches of {bs} per epoch < warmup + steps")
+    full = len(trainer.batches) - (trainer.batches.last_size > 0)  # timed steps are full batches
+    if full < args.warmup + args.steps:
+        raise SystemExit(f"{full} full batches of {bs} per epoch < warmup + steps")
     import torch
 
     cuda = trainer.device.type == "cuda"

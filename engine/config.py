@@ -27,6 +27,7 @@ CHOICES: dict[str, tuple] = {
     "backbone_bn": ("paper", "update"),
     "backbone_style": ("auto", "torchvision", "caffe"),
     "compile": ("auto", "off", "cuda_graph", "inductor"),
+    "last_batch": ("keep", "drop"),
 }
 
 
@@ -55,6 +56,9 @@ class Config:
     backbone_width: float = 1.0  # caffe-style ResNet width factor; < 1 only for the converter's test files
     # optimisation (spec 7.1-7.4)
     batch_size: int = 32  # the global batch (split across DDP ranks)
+    # an epoch's leftover images (Flickr30k: 29,783 = 930 x 32 + 23): "keep" = a last, smaller batch, in Stage II
+    # reduced to an even size (the original's cnn_train_dag*.m; spec 7.4: 931 iterations per epoch); "drop" = skipped
+    last_batch: str = "keep"
     base_lr: float = 0.1
     momentum: float = 0.9
     nesterov: bool = True
@@ -203,6 +207,11 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
     return cfg
 
 
+LEGACY_DEFAULTS = {"last_batch": "drop"}  # keys added since: what checkpoints written before them did
+
+
 def config_from_dict(values: dict[str, Any]) -> Config:
-    """Rebuild a Config saved in a checkpoint (validated like a file)."""
+    """Rebuild a Config saved in a checkpoint (validated like a file); a key it predates gets the behaviour it was
+    trained with (``LEGACY_DEFAULTS``), not today's default."""
+    values = {**LEGACY_DEFAULTS, **values}
     return Config(**{k: _check(k, v, "checkpoint config") for k, v in values.items()})

@@ -3,7 +3,13 @@
 Determinism: every random choice of a sample (crop, flip, caption, shift) is drawn from a generator seeded by
 ``(seed, epoch, global position in the epoch)``, and the epoch's image order from ``(seed, epoch)``. A batch is thus
 a pure function of (seed, epoch, batch index) whatever the worker count or the DDP rank count, which is what makes
-resume bit-identical and lets N processes see disjoint shards of the very same global batch.
+resume bit-identical and lets N processes see disjoint shards of the very same global batch. One exception: the
+hard-negative candidate pool is drawn per rank (each rank mines for its own anchors, as each GPU ran ``getBatch`` on
+its own share in the original), so mined negatives depend on the rank count.
+
+Epochs (spec 7.1, 7.5): the last batch of an epoch holds the images left over (``last_batch: keep``, the original's
+``cnn_train_dag*.m``), in Stage II reduced to an even size (the original: "reduced by one"); with R ranks to a
+multiple of R (2R in Stage II). Flickr30k: 931 batches per epoch, the last of 23 images (Stage II: 22).
 
 Images leave the workers as uint8 tensors; the model's ``image.normalize`` converts them on the device (less to
 transfer, and the input convention travels with the checkpoint: ``models/image_cnn.py``).
@@ -104,6 +110,19 @@ class TrainSpec:
     num_candidates: int = 256
     world_size: int = 1
     rank: int = 0
+    last_batch: str = "keep"  # "keep": the leftover images form a last, smaller batch; "drop": they are skipped
+
+
+def epoch_batches(n_images: int, batch_size: int, stage: int, world_size: int = 1, last_batch: str = "keep"
+                  ) -> tuple[int, int]:
+    """(full batches, size of the extra last batch or 0) of an epoch over ``n_images`` training images. The
+    leftover images form the last batch (the original's ``cnn_train_dag*.m``), in Stage II reduced to an even size
+    ("reduced by one", spec 7.5), with R ranks to a multiple of R (Stage II: 2R); fewer than 2 per rank are dropped
+    (training-mode BatchNorm needs two values per channel). Flickr30k: (930, 23) in Stage I, (930, 22) in Stage II."""
+    full, rest = divmod(n_images, batch_size)
+    unit = world_size * (2 if stage == 2 else 1)  # Stage II: anchor/negative halves on every rank
+    last = rest - rest % unit if last_batch == "keep" else 0
+    return full, (last if last >= 2 * world_size else 0)
 
 
 class TrainBatches(Dataset):
@@ -111,7 +130,9 @@ class TrainBatches(Dataset):
 
     Stage I: B images (each training image once per epoch) + one random caption of its class each.
     Stage II: images [Xp (B/2); Xn (B/2)], texts [Yp; Yn placeholder] and the candidate pool for mining
-    (hard negatives), or Yn drawn directly (random negatives of another identity, CUHK-PEDES)."""
+    (hard negatives), or Yn drawn directly (random negatives of another identity, CUHK-PEDES).
+    The last batch of an epoch may be smaller (``batch_size_of``); every caption of a class is drawn, the empty
+    ones (no dictionary word: an all-padding input) included, as the original's ``randi`` over a class's captions."""
 
     def __init__(self, data: Prepared, spec: TrainSpec, epoch: int = 0) -> None:
         self.data, self.spec, self.epoch = data, spec, epoch
@@ -120,32 +141,44 @@ class TrainBatches(Dataset):
                              f"{' into anchor/negative halves' if spec.stage == 2 else ''}")
         self.train_rows = data.split_images("train")  # image rows; label = class
         self.image_class = data.images["label"].to_numpy()
+        if spec.last_batch not in ("keep", "drop"):
+            raise InvalidValue(f"last_batch must be one of ['keep', 'drop'], got {spec.last_batch!r}")
         caps = data.captions
-        train_caps = np.flatnonzero((caps["split"].to_numpy() == "train") & (caps["length"].to_numpy() > 0))
+        train_caps = np.flatnonzero(caps["split"].to_numpy() == "train")
         cap_class = caps["label"].to_numpy()[train_caps]
         order = np.argsort(cap_class, kind="stable")
         self.class_caps = train_caps[order]  # caption rows grouped by class (CSR)
+        self.cap_class = cap_class[order]  # (M_train,) the class of each entry of class_caps
         counts = np.bincount(cap_class, minlength=data.num_classes)
         if (counts == 0).any():
             bad = np.flatnonzero(counts == 0)[:5].tolist()
-            raise PreparedDataError(f"{data.root}: training classes {bad} have no non-empty caption")
+            raise PreparedDataError(f"{data.root}: training classes {bad} have no caption")
         self.class_start = np.concatenate([[0], np.cumsum(counts)[:-1]])
         self.class_count = counts
         self.lengths = caps["length"].to_numpy()
-        n_batches = len(self.train_rows) // spec.batch_size  # an incomplete last batch is dropped
-        if n_batches == 0:
+        full, last = epoch_batches(len(self.train_rows), spec.batch_size, spec.stage, spec.world_size,
+                                   spec.last_batch)
+        if full == 0:
             raise InvalidValue(f"{data.root}: {len(self.train_rows)} training images < one batch of {spec.batch_size} "
                              f"(lower batch_size)")
-        self.n_batches = n_batches
+        self.last_size = last  # the size of an extra last batch (0: none)
+        self.n_batches = full + (last > 0)
+        # hard negatives come from training images outside the batch (Flickr30k: the whole batch); MSCOCO's
+        # original removes only the B/2 anchors (spec 7.5; train_coco_Rankloss_shift_hard.m)
+        self.pool_excludes_anchors_only = data.manifest.get("dataset") == "coco"
         if spec.stage == 2 and spec.negatives == "hard" and len(self.train_rows) <= spec.batch_size:
-            raise InvalidValue(f"{data.root}: hard negatives come from training images outside the batch: {len(self.train_rows)} "
-                             f"training images leave none outside a batch of {spec.batch_size}")
+            raise InvalidValue(f"{data.root}: hard negatives come from training images outside the batch: "
+                               f"{len(self.train_rows)} training images leave none outside a batch of {spec.batch_size}")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
         return self.n_batches
+
+    def batch_size_of(self, b: int) -> int:
+        """The global size of batch ``b``: ``batch_size``, or the leftover images for the last one."""
+        return self.last_size if self.last_size and b == self.n_batches - 1 else self.spec.batch_size
 
     def permutation(self) -> np.ndarray:
         """The epoch's image order (cached per epoch: 113,287 rows for MSCOCO)."""
@@ -187,12 +220,12 @@ class TrainBatches(Dataset):
     def _batch(self, b: int) -> dict[str, torch.Tensor]:
         s = self.spec
         perm = self.permutation()
-        start = b * s.batch_size
+        start, size = b * s.batch_size, self.batch_size_of(b)
         if s.stage == 1:
-            local = s.batch_size // s.world_size
+            local = size // s.world_size
             positions = list(range(start + s.rank * local, start + (s.rank + 1) * local))
-        else:  # keep anchor i and its negative 16 + i on the same rank
-            half, lhalf = s.batch_size // 2, s.batch_size // (2 * s.world_size)
+        else:  # keep anchor i and its negative B/2 + i on the same rank
+            half, lhalf = size // 2, size // (2 * s.world_size)
             anchors = list(range(start + s.rank * lhalf, start + (s.rank + 1) * lhalf))
             positions = anchors + [p + half for p in anchors]
         rows = perm[positions]
@@ -202,7 +235,7 @@ class TrainBatches(Dataset):
                  "labels": torch.tensor([x[2] for x in samples])}  # (b,)
         batch["text_labels"] = batch["labels"].clone()  # Stage I: caption i belongs to image i
         if s.stage == 2:
-            batch.update(self._negatives(b, batch["labels"], perm[start:start + s.batch_size]))
+            batch.update(self._negatives(b, perm[start:start + size], positions))
             if "replace_at" in batch:  # random negatives: an Xn of the anchor's own identity was redrawn
                 at = batch.pop("replace_at")
                 batch["images"][at] = batch.pop("replace_images")
@@ -214,15 +247,18 @@ class TrainBatches(Dataset):
                 batch["text_labels"][h:] = batch.pop("neg_labels")
         return batch
 
-    def _negatives(self, b: int, labels: torch.Tensor, global_rows: np.ndarray) -> dict[str, torch.Tensor]:
-        """Stage II (spec 7.5). Hard: a pool of candidate captions, one per random training image outside the
-        global batch, each with its own shift; the trainer picks Yn by mining. Random (CUHK): Yn = a caption of
-        another identity; Xn replaced by an image of another identity when it shares the anchor's."""
+    def _negatives(self, b: int, global_rows: np.ndarray, positions: list[int]) -> dict[str, torch.Tensor]:
+        """Stage II (spec 7.5), for this rank's anchors (``positions``: its images' places in the epoch, anchors
+        first). Hard: a pool of candidate captions, one per random training image outside the global batch (MSCOCO:
+        outside its anchors), each with its own shift; the trainer picks Yn by mining; one pool per rank. Random
+        (CUHK-PEDES): Yn = a uniformly random training caption of another identity (``rand_diff_class2.m``); Xn
+        replaced by a random training image of another identity when it shares the anchor's
+        (``rand_diff_class3.m``); drawn for the whole global batch, so every rank count trains on the same."""
         s = self.spec
-        h = labels.shape[0] // 2
-        rng = self._rng(1_000_000_000 + b, s.rank)
+        half = len(global_rows) // 2
         if s.negatives == "hard":
-            excluded = np.isin(self.train_rows, global_rows)
+            rng = self._rng(1_000_000_000 + b, s.rank)
+            excluded = np.isin(self.train_rows, global_rows[:half] if self.pool_excludes_anchors_only else global_rows)
             pool_rows = self.train_rows[~excluded]
             picks = pool_rows[rng.integers(len(pool_rows), size=s.num_candidates)]
             cls = self.image_class[picks]
@@ -230,26 +266,32 @@ class TrainBatches(Dataset):
             return {"cand_tokens": torch.from_numpy(tokens), "cand_labels": torch.from_numpy(cls.astype(np.int64))}
         if self.data.num_classes < 2:
             raise InvalidValue("random negatives need at least two training classes")
-        neg_tokens, neg_labels, replace_at, replace_rows = [], [], [], []
-        for i in range(h):  # a loop over the B/2 anchors, in the worker
-            anchor = int(labels[i])
-            cls = anchor
-            while cls == anchor:  # Yn: a random training caption of a different identity
-                cls = int(self.image_class[self.train_rows[rng.integers(len(self.train_rows))]])
-            neg_tokens.append(self._tokens(self._caption(cls, rng), rng))
-            neg_labels.append(cls)
-            if int(labels[h + i]) == anchor:  # Xn shares the anchor's identity: replace it
+        rng = self._rng(1_000_000_000 + b)
+        start = positions[0] - positions[0] % s.batch_size  # the global batch's first position
+        neg_tokens, neg_labels, replace = [], [], {}
+        for i in range(half):  # every anchor of the global batch, in order (B/2 draws, cheap)
+            anchor = int(self.image_class[global_rows[i]])
+            j = int(rng.integers(len(self.class_caps)))
+            while self.cap_class[j] == anchor:  # Yn: a random training caption of a different identity
+                j = int(rng.integers(len(self.class_caps)))
+            neg_tokens.append(self._tokens(int(self.class_caps[j]), rng))
+            neg_labels.append(int(self.cap_class[j]))
+            if int(self.image_class[global_rows[half + i]]) == anchor:  # Xn shares the anchor's identity: replace
                 row = int(self.train_rows[rng.integers(len(self.train_rows))])
                 while int(self.image_class[row]) == anchor:
                     row = int(self.train_rows[rng.integers(len(self.train_rows))])
-                replace_at.append(h + i)
-                replace_rows.append(row)
-        out = {"neg_tokens": torch.from_numpy(np.stack(neg_tokens)), "neg_labels": torch.tensor(neg_labels)}
-        if replace_at:
-            out["replace_at"] = torch.tensor(replace_at)
-            out["replace_images"] = torch.stack([train_image(self.data.image_path(r), rng, s.crop)
-                                                 for r in replace_rows])
-            out["replace_labels"] = torch.from_numpy(self.image_class[replace_rows].astype(np.int64))
+                replace[i] = row
+        mine = [p - start for p in positions[:len(positions) // 2]]  # this rank's anchors, as global indices
+        h = len(mine)
+        out = {"neg_tokens": torch.from_numpy(np.stack([neg_tokens[i] for i in mine])),
+               "neg_labels": torch.tensor([neg_labels[i] for i in mine])}
+        at = [k for k, i in enumerate(mine) if i in replace]
+        if at:
+            out["replace_at"] = torch.tensor([h + k for k in at])
+            rows = [replace[mine[k]] for k in at]  # each crop drawn from its place in the epoch, like any image
+            out["replace_images"] = torch.stack([train_image(self.data.image_path(r), self._rng(positions[h + k], 1),
+                                                             s.crop) for r, k in zip(rows, at)])
+            out["replace_labels"] = torch.from_numpy(self.image_class[rows].astype(np.int64))
         return out
 
 

@@ -113,7 +113,8 @@ class Trainer:
                                  self.channels_last, self.mode, graph_factory)
         self.spec = TrainSpec(stage=cfg.stage, batch_size=cfg.batch_size, crop=cfg.train_crop, seed=cfg.seed,
                               position_shift=cfg.position_shift, negatives=cfg.negatives,
-                              num_candidates=cfg.num_candidates, world_size=self.world, rank=self.rank)
+                              num_candidates=cfg.num_candidates, world_size=self.world, rank=self.rank,
+                              last_batch=cfg.last_batch)
         self.batches = TrainBatches(self.data, self.spec)
         self.epoch, self.batch, self.step = 0, 0, 0
         self.best: dict[str, Any] = {"rsum": None, "epoch": None}
@@ -250,13 +251,13 @@ class Trainer:
                 signal.signal(s, h)
             self.log.close()
 
-    def _log_window(self, n_window: int, t_wait: float, t_start: float) -> tuple[dict[str, float], float]:
+    def _log_window(self, pairs: int, t_wait: float, t_start: float) -> tuple[dict[str, float], float]:
         """Read the window's values from the device (the one sync of the window), check them, write them."""
         values = self.stepper.stats.read_window()
         self.check_finite()
         now = time.perf_counter()
         elapsed = max(now - t_start, 1e-9)  # from the previous window's sync to this one: the device's time too
-        values["perf/pairs_per_s"] = self.cfg.batch_size * n_window / elapsed
+        values["perf/pairs_per_s"] = pairs / elapsed  # image-text pairs of the global batches
         values["perf/data_wait_fraction"] = t_wait / elapsed
         mining = self.stepper.mining_seconds()
         if mining is not None:
@@ -272,22 +273,22 @@ class Trainer:
         self.model.train()
         self.stepper.stats.set_step(self.step)
         bar = self.log.progress(len(self.batches), self.batch, f"stage {cfg.stage} epoch {self.epoch + 1}")
-        t_wait, n_window = 0.0, 0
+        t_wait, pairs = 0.0, 0
         t_start = time.perf_counter()
         while self.batch < len(self.batches):
             t0 = time.perf_counter()
             batch = self._next_batch()
             t_wait += time.perf_counter() - t0
             self.train_step(batch)
+            pairs += self.batches.batch_size_of(self.batch)
             self.batch += 1
             self.step += 1
-            n_window += 1
             bar.update(1)
             at_log = self.step % cfg.log_every == 0 or self.batch == len(self.batches)
             if at_log:
-                values, t_start = self._log_window(n_window, t_wait, t_start)
+                values, t_start = self._log_window(pairs, t_wait, t_start)
                 bar.set_postfix(loss=f"{values['loss/total']:.3f}", pairs_s=f"{values['perf/pairs_per_s']:.1f}")
-                t_wait, n_window = 0.0, 0
+                t_wait, pairs = 0.0, 0
             if self._stop_requested(at_log):
                 bar.close()
                 self.save(ckpt.LAST)

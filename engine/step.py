@@ -12,10 +12,12 @@ Modes (config key ``compile``, resolved by ``resolve_mode``):
 * ``cuda_graph``: the whole step (mining, forward, losses, backward, optimizer step, the statistics) is captured
   once into a CUDA graph after ``GRAPH_WARMUP`` eager steps (real training steps, on a side stream as PyTorch
   requires) and replayed from then on: one launch per step. Inputs are copied into static buffers (non-blocking,
-  from the loader's pinned memory); every batch of a run has the same shapes (the recipe drops an incomplete last
-  batch). The learning rates become device tensors read by the fused SGD kernel, so the LR schedule changes them
-  without a re-capture; dropout draws from the CUDA generator, which graph replays advance like eager steps; the
-  position shift and crops are drawn in the loader, outside the graph.
+  from the loader's pinned memory); the graph is for the full batch's shapes: an epoch's smaller last batch
+  (``last_batch: keep``, one step in 931 for Flickr30k) runs eagerly, on the same parameters, optimizer state and
+  statistics (with ``inductor`` its compiled modules compile that shape once). The learning rates become device
+  tensors read by the fused SGD kernel, so the LR schedule changes them without a re-capture; dropout draws from
+  the CUDA generator, which graph replays advance like eager steps; the position shift and crops are drawn in the
+  loader, outside the graph.
 
 * ``inductor`` (opt-in, measured faster, not yet the default): ``cuda_graph`` with the image CNN and the text
   CNN's blocks compiled in place by ``torch.compile`` (``compile_cnns``): their training forward and backward and
@@ -236,8 +238,10 @@ class TrainStep:
         self.stats.count += 1
         if self.tensor_lr and not isinstance(self.optimizer.param_groups[0]["lr"], torch.Tensor):
             lr_tensors(self.optimizer, self.device)  # again after a resume loaded float LRs
-        if self.mode == "off":
+        if self.mode == "off" or batch["labels"].shape[0] != self.cfg.batch_size:  # (captured: one process)
             self.compute({k: batch[k].to(self.device, non_blocking=True) for k in INPUTS if k in batch})
+            if self.mode != "off":  # an epoch's smaller last batch: its gradients are not the graph's, free them
+                self.optimizer.zero_grad(set_to_none=True)
             return
         self._fill_static(batch)
         if self.graph is None:

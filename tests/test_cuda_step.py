@@ -6,7 +6,7 @@ without a re-capture, losses and weights equal to eager within float tolerance; 
 step under capture; bf16 autocast captures; the whole loop (one loader iterator, pinned copies, statistics read at
 log steps, validation between epochs) runs captured and resumes into eager; ``compile: inductor`` (opt-in) trains,
 its first step within rounding of eager's, and resumes into eager; bench/step_breakdown.py's parts, each captured in
-its own graph, replay what they compute eagerly.
+its own graph, replay what they compute eagerly; an epoch's smaller last batch trains eagerly between replays.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import torch
 import engine.step as step_mod
 from engine import checkpoint as ckpt
 from engine.loop import NonFiniteLoss, Trainer
+from tests.test_epochs import train_epochs
 from tests.test_step import SCHEDULE, sync_free, train_20
 from tests.training_fixtures import STAGE2, STEPS_PER_EPOCH, make_prepared, tiny
 
@@ -75,6 +76,27 @@ def test_captured_equals_eager_on_cuda(prepared, stage1_ckpt, tmp_path, stage, m
     lrs = [float(g["lr"]) for g in graph_t.optimizer.param_groups]
     assert lrs == pytest.approx([float(g["lr"]) for g in eager_t.optimizer.param_groups])
     assert lrs[0] == pytest.approx(graph_t.optimizer.param_groups[0]["initial_lr"] * 0.1)
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_smaller_last_batch_runs_eagerly_between_replays(prepared, stage1_ckpt, tmp_path, stage):
+    """Batches of 12, 12, 8 (``last_batch: keep``) for 3 epochs: the 8-image step runs eagerly on the parameters,
+    momentum and LR tensors the graph replays use, and the run stays within float tolerance of eager's."""
+    cfg = {"batch_size": 12, "lr_schedule": [[1, 1.0], [2, 0.1]], "dropout": 0.5, **(STAGE2 if stage == 2 else {})}
+    init = stage1_ckpt if stage == 2 else None
+    runs = {}
+    for mode in ("off", "cuda_graph"):
+        torch.backends.cudnn.deterministic = True
+        t = Trainer(tiny(**cfg, compile=mode), prepared, tmp_path / mode, init=init)
+        runs[mode] = (train_epochs(t, 3), {k: v.clone() for k, v in t.module.state_dict().items()}, t)
+        t.log.close()
+    torch.backends.cudnn.deterministic = False
+    (eager, eager_w, _), (graph, graph_w, graph_t) = runs["off"], runs["cuda_graph"]
+    assert isinstance(graph_t.stepper.graph, step_mod.CudaGraph) and len(eager) == len(graph) == 9
+    assert graph == pytest.approx(eager, rel=1e-3, abs=1e-4)
+    for k, v in eager_w.items():
+        if v.is_floating_point():
+            assert close(v, graph_w[k]) < 1e-3, k
 
 
 def test_non_finite_is_caught_under_capture(prepared, tmp_path, monkeypatch):

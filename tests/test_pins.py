@@ -109,30 +109,43 @@ def test_left_alignment_when_position_shift_is_off():
 
 
 # ------------------------------------------------------------------------------------------- Stage II negatives (7.5)
-def negatives_stub(image_class: np.ndarray, negatives: str, candidates: int = 256, batch: int = 32) -> TrainBatches:
+def negatives_stub(image_class: np.ndarray, negatives: str, candidates: int = 256, batch: int = 32,
+                   caption_class: np.ndarray | None = None, coco: bool = False) -> TrainBatches:
+    """Stage II negatives over fake data: image i has class image_class[i]; caption j has class caption_class[j]
+    (default: one caption per image); a caption's tokens carry its row (hard: its class)."""
     tb = TrainBatches.__new__(TrainBatches)
     tb.spec = TrainSpec(stage=2, batch_size=batch, crop=8, seed=5, negatives=negatives, num_candidates=candidates)
     tb.epoch = 0
     tb.train_rows = np.arange(len(image_class))
     tb.image_class = image_class
+    cap_class = image_class if caption_class is None else caption_class
+    tb.class_caps, tb.cap_class = np.argsort(cap_class, kind="stable"), np.sort(cap_class, kind="stable")
+    tb.pool_excludes_anchors_only = coco
     tb.data = SimpleNamespace(num_classes=int(image_class.max()) + 1, max_len=4, image_path=lambda row: row)
-    tb._caption = lambda cls, rng: int(cls)  # a "caption" of class c is c: its tokens carry the class
+    tb._caption = lambda cls, rng: int(cls)  # hard negatives: a "caption" of class c is c
     tb._tokens = lambda cap, rng: np.full(4, cap, dtype=np.int64)
     return tb
 
 
-def test_hard_negative_pool_excludes_every_image_of_the_batch():
-    n = 100
-    tb = negatives_stub(np.arange(n), "hard")  # Flickr30k / MSCOCO: every image its own class
-    seen = set()
+def positions_of(b: int, batch: int = 32) -> list[int]:
+    return list(range(b * batch, (b + 1) * batch))  # one rank: anchors, then their negatives
+
+
+@pytest.mark.parametrize("coco", [False, True])
+def test_hard_negative_pool_excludes_the_batch_or_for_coco_its_anchors(coco):
+    n = 100  # spec 7.5: Flickr30k's pool is every training image outside the batch, MSCOCO's outside the 16 anchors
+    tb = negatives_stub(np.arange(n), "hard", coco=coco)  # every image its own class
+    seen, xn_picked = set(), 0
     for b in range(40):
         rows = np.random.default_rng(b).permutation(n)[:32]  # the global batch: 16 anchors + 16 Xn
-        out = tb._negatives(b, torch.tensor(rows), rows)
+        out = tb._negatives(b, rows, positions_of(b))
         picked = out["cand_labels"].numpy()
-        assert len(picked) == 256 and not set(picked) & set(rows.tolist())
+        assert len(picked) == 256 and not set(picked) & set(rows[:16].tolist())
         assert (out["cand_tokens"][:, 0].numpy() == picked).all()
+        xn_picked += len(set(picked) & set(rows[16:].tolist()))
         seen |= set(picked.tolist()) | set(rows.tolist())
     assert seen == set(range(n))  # the pool is every other training image, not a subset
+    assert (xn_picked > 0) == coco
 
 
 def test_cuhk_random_negatives_are_always_another_identity(monkeypatch):
@@ -143,10 +156,10 @@ def test_cuhk_random_negatives_are_always_another_identity(monkeypatch):
     for b in range(60):
         rows = np.random.default_rng(100 + b).choice(len(image_class), 32, replace=False)
         labels = torch.from_numpy(image_class[rows])
-        out = tb._negatives(b, labels, rows)
+        out = tb._negatives(b, rows, positions_of(b))
         anchors, xn = labels[:16], labels[16:]
         assert (out["neg_labels"] != anchors).all()  # Yn: another identity
-        assert (out["neg_tokens"][:, 0] == out["neg_labels"]).all()
+        assert (torch.from_numpy(image_class[out["neg_tokens"][:, 0].numpy()]) == out["neg_labels"]).all()
         clash = torch.nonzero(xn == anchors).flatten() + 16  # Xn_i of the anchor's identity must be replaced ...
         at = out.get("replace_at", torch.empty(0, dtype=torch.long))
         assert at.tolist() == clash.tolist()
@@ -157,6 +170,21 @@ def test_cuhk_random_negatives_are_always_another_identity(monkeypatch):
             assert (image_class[rows_used] == new.numpy()).all()
             replaced_total += len(at)
     assert replaced_total > 50  # the collisions really happened
+
+
+def test_cuhk_random_negative_is_a_uniform_caption_not_a_uniform_image(monkeypatch):
+    """rand_diff_class2.m draws a caption index: an identity is chosen in proportion to its captions. Identity 1
+    has 1 image with 30 captions, identity 2 has 30 images with one caption each (anchors: identity 0)."""
+    image_class = np.array([0] * 40 + [1] + [2] * 30)
+    caption_class = np.array([0] * 40 + [1] * 30 + [2] * 30)
+    monkeypatch.setattr(data_mod, "train_image", lambda row, rng, crop: torch.zeros(3, 2, 2))  # Xn replaced
+    tb = negatives_stub(image_class, "random", caption_class=caption_class, batch=4)
+    drawn = []
+    for b in range(1500):
+        out = tb._negatives(b, np.array([0, 1, 2, 3]), positions_of(b, 4))  # anchors and Xn of identity 0
+        drawn += out["neg_labels"].tolist()
+    ones = drawn.count(1) / len(drawn)  # uniform over images would give 1/31
+    assert set(drawn) == {1, 2} and abs(ones - 0.5) < 0.04, ones
 
 
 # ------------------------------------------------------------------------------------------- normalisation (17)
