@@ -28,7 +28,8 @@ COCO_DELIMITERS = DELIMITERS + "?"
 KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
 MAX_EXAMPLES = 5
 DICTIONARY_RULES = ("train", "original")
-WHITESPACE_DICTIONARY = ("flickr30k", "flickr8k")  # make_dictionary.m differs from the indexing only for these
+WHITESPACE_DICTIONARY = ("flickr30k", "flickr8k")  # make_dictionary.m splits on whitespace only for these
+# MSCOCO's make_dictionary.m splits the training captions on DELIMITERS, without the '?' its indexing adds
 EXPECTED_DICTIONARY = {"flickr30k": 20074, "coco": 29972, "cuhk_pedes": 7263}  # the original's V (spec 2.1)
 GOOGLENEWS_WORDS = 3_000_000
 
@@ -94,15 +95,19 @@ def dictionary_tokens(dataset: str, rule: str, captions: Sequence[tuple[str, str
     ``captions`` = (split, raw text) per caption, ``token_lists`` = their delimiter tokenisation (used to index).
     rule "train" (default, leak-free): the indexing tokens of the training captions. rule "original": as the
     original code built the dictionary; for Flickr30k (make_dictionary.m on the train + val captions written by
-    train_txt.m) the raw captions of train AND val split on whitespace only; for MSCOCO and CUHK-PEDES the original
-    already is the "train" rule (training captions, the indexing delimiters)."""
+    train_txt.m) the raw captions of train AND val split on whitespace only; for MSCOCO the training captions split
+    on the delimiters WITHOUT the '?' its indexing adds (MSCOCO-prepare/make_dictionary.m: a word seen only as
+    "giraffe?" is not in it); for CUHK-PEDES the original already is the "train" rule."""
     if rule not in DICTIONARY_RULES:
         raise PrepareError(f"unknown --dictionary-rule {rule!r}; valid: {', '.join(DICTIONARY_RULES)}")
     if rule == "original" and dataset in WHITESPACE_DICTIONARY:
         return ([raw.split() for split, raw in captions if split != "test"],
                 "train + val captions split on whitespace (the original make_dictionary.m)")
+    if rule == "original" and dataset == "coco":
+        return ([tokenize(raw, DELIMITERS) for split, raw in captions if split == "train"],
+                "train captions split without '?' (the original make_dictionary.m; indexing splits on '?' too)")
     train = [t for (split, _), t in zip(captions, token_lists) if split == "train"]
-    same = " (= the original code's rule for this dataset)" if dataset not in WHITESPACE_DICTIONARY else ""
+    same = " (= the original code's rule for this dataset)" if dataset == "cuhk_pedes" else ""
     return train, "train captions only" + same
 
 
@@ -111,7 +116,7 @@ def dictionary_size_warning(dataset: str, rule: str, size: int, word2vec_info: d
     expected = EXPECTED_DICTIONARY.get(dataset)
     full = (word2vec_info.get("vectors_in_file") == GOOGLENEWS_WORDS
             and word2vec_info.get("vectors_scanned") == GOOGLENEWS_WORDS)
-    original_rule = rule == "original" or dataset not in WHITESPACE_DICTIONARY
+    original_rule = rule == "original" or dataset == "cuhk_pedes"
     if expected is None or not full or not original_rule or size == expected:
         return None
     return (f"{size} words with the full GoogleNews file; the original code's {dataset} dictionary has {expected} "

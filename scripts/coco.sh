@@ -8,6 +8,7 @@ IMAGES=${IMAGES:-/data/coco}                      # holds train2014/ and val2014
 SPLIT_JSON=${SPLIT_JSON:-/data/coco/dataset_coco.json}
 WORD2VEC=${WORD2VEC:-/data/GoogleNews-vectors-negative300.bin.gz}
 PREPARED=${PREPARED:-data/coco}
+DICTIONARY_RULE=${DICTIONARY_RULE:-train}  # train (leak-free) | original (make_dictionary.m: no '?' split; 29,972 words)
 RUNS=${RUNS:-runs/coco_$ARCH}
 NGPU=${NGPU:-1}
 # ---------------------------------------------------------------------------------------------------------------
@@ -25,7 +26,8 @@ case "$ARCH" in
 esac
 TRAIN_ARGS=(); EVAL_ARGS=()
 prepare_data() {
-  python -m prepare.coco --images "$IMAGES" --split-json "$SPLIT_JSON" --word2vec "$WORD2VEC" --out "$PREPARED"
+  python -m prepare.coco --images "$IMAGES" --split-json "$SPLIT_JSON" --word2vec "$WORD2VEC" --out "$PREPARED" \
+    --dictionary-rule "$DICTIONARY_RULE"
 }
 step_prepare
 step_train 1; step_evaluate 1

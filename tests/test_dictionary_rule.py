@@ -1,12 +1,13 @@
 """``--dictionary-rule original`` (issue 12): Flickr30k's dictionary as make_dictionary.m built it (train + val
-captions, whitespace split, word2vec file order); MSCOCO / CUHK-PEDES: the default rule already is the original's;
-the size warning against the original dictionaries (20,074 / 29,972 / 7,263) with the full GoogleNews file."""
+captions, whitespace split, word2vec file order); MSCOCO's: training captions split without '?'; CUHK-PEDES: the
+default rule already is the original's; the size warning against the original dictionaries (20,074 / 29,972 /
+7,263) with the full GoogleNews file."""
 from __future__ import annotations
 
 import pytest
 
 from prepare import coco, flickr30k
-from prepare.core import GOOGLENEWS_WORDS, dictionary_size_warning, tokenize
+from prepare.core import COCO_DELIMITERS, GOOGLENEWS_WORDS, dictionary_size_warning, dictionary_tokens, tokenize
 from tests.fixtures import FLICKR_DICTIONARY, make_coco, make_flickr
 
 # Built by hand from tests/fixtures.py FLICKR_CAPTIONS: whitespace tokens of the train (1001-1005) and val (2001)
@@ -54,8 +55,16 @@ def test_default_rule_is_train_only_and_recorded(f30k, tmp_path):
     assert "dictionary_size" not in p.manifest["warnings"]  # a small file: no GoogleNews comparison
 
 
-def test_coco_original_rule_equals_train_rule(tmp_path):
-    files = make_coco(tmp_path / "raw")
+def test_coco_original_rule_splits_the_dictionary_without_question_marks(tmp_path):
+    """MSCOCO-prepare/make_dictionary.m splits the training captions on - . , ( ) and space, its indexing
+    (prepare_wordcnn_feature2.m) on '?' too: "giraffe?Yes" gives the dictionary no "giraffe" and no "Yes"."""
+    captions = [("train", "Is that a giraffe?Yes it is"), ("train", "a dog (running)"), ("val", "a zebra")]
+    token_lists = [tokenize(raw, COCO_DELIMITERS) for _, raw in captions]
+    orig, how = dictionary_tokens("coco", "original", captions, token_lists)
+    assert orig == [["Is", "that", "a", "giraffe?Yes", "it", "is"], ["a", "dog", "running"]] and "'?'" in how
+    train, _ = dictionary_tokens("coco", "train", captions, token_lists)
+    assert train == token_lists[:2] and "giraffe" in train[0]
+    files = make_coco(tmp_path / "raw")  # the fixture's captions have no '?': both rules give the same words
     outs = {}
     for rule in ("train", "original"):
         out = tmp_path / rule
@@ -63,8 +72,6 @@ def test_coco_original_rule_equals_train_rule(tmp_path):
                           str(files.w2v.text), "--out", str(out), "--workers", "1", "--image-size", "16",
                           "--dictionary-rule", rule]) == 0
         outs[rule] = (out / "dictionary.txt").read_text()
-        assert "original code's rule" in __import__("json").loads((out / "manifest.json").read_text())[
-            "text"]["dictionary_from"]
     assert outs["train"] == outs["original"]
 
 
@@ -85,8 +92,10 @@ FULL = {"vectors_in_file": GOOGLENEWS_WORDS, "vectors_scanned": GOOGLENEWS_WORDS
     ("flickr30k", "train", 18000, FULL, False),  # the leak-free rule is expected to differ
     ("flickr30k", "original", 20073, {"vectors_in_file": 1000, "vectors_scanned": 1000}, False),
     ("flickr30k", "original", 20073, {"vectors_in_file": GOOGLENEWS_WORDS, "vectors_scanned": 500_000}, False),
-    ("coco", "train", 29972, FULL, False),
-    ("coco", "train", 29000, FULL, True),  # MSCOCO's train rule is the original's
+    ("coco", "original", 29972, FULL, False),
+    ("coco", "original", 29000, FULL, True),
+    ("coco", "train", 29000, FULL, False),  # MSCOCO's train rule also splits the dictionary's captions on '?'
+    ("cuhk_pedes", "train", 7262, FULL, True),  # CUHK-PEDES's train rule is the original's
     ("cuhk_pedes", "original", 7262, FULL, True),
     ("flickr8k", "original", 5, FULL, False),  # no original dictionary to compare with
 ])
