@@ -8,7 +8,7 @@ IMAGES=${IMAGES:-/data/coco}                      # holds train2014/ and val2014
 SPLIT_JSON=${SPLIT_JSON:-/data/coco/dataset_coco.json}
 WORD2VEC=${WORD2VEC:-/data/GoogleNews-vectors-negative300.bin.gz}
 PREPARED=${PREPARED:-data/coco}
-DICTIONARY_RULE=${DICTIONARY_RULE:-train}  # train (leak-free) | original (make_dictionary.m: no '?' split; 29,972 words)
+DICTIONARY_RULE=${DICTIONARY_RULE:-train}  # train (leak-free) | original (make_dictionary.m: no '?' split; 29,972)
 RUNS=${RUNS:-runs/coco_$ARCH}
 NGPU=${NGPU:-1}
 # ---------------------------------------------------------------------------------------------------------------
