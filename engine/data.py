@@ -267,7 +267,7 @@ class TrainBatches(Dataset):
         if self.data.num_classes < 2:
             raise InvalidValue("random negatives need at least two training classes")
         rng = self._rng(1_000_000_000 + b)
-        start = positions[0] - positions[0] % s.batch_size  # the global batch's first position
+        start = b * s.batch_size  # the global batch's first position in the epoch
         neg_tokens, neg_labels, replace = [], [], {}
         for i in range(half):  # every anchor of the global batch, in order (B/2 draws, cheap)
             anchor = int(self.image_class[global_rows[i]])

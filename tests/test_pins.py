@@ -172,6 +172,34 @@ def test_cuhk_random_negatives_are_always_another_identity(monkeypatch):
     assert replaced_total > 50  # the collisions really happened
 
 
+def test_cuhk_random_negatives_are_the_same_for_any_rank_count(monkeypatch):
+    """Yn and the replaced Xn (its image and crop) of every anchor are drawn for the whole global batch: two ranks
+    get the two halves of what one rank gets."""
+    monkeypatch.setattr(data_mod, "train_image", lambda row, rng, crop: torch.full((3, 2, 2), row + rng.random()))
+    image_class = np.repeat(np.arange(3), 20)
+    one = negatives_stub(image_class, "random", batch=8)
+    ranks = [negatives_stub(image_class, "random", batch=8) for _ in range(2)]
+    for r, tb in enumerate(ranks):
+        tb.spec = TrainSpec(**{**tb.spec.__dict__, "world_size": 2, "rank": r})
+    replaced = 0
+    for b in range(30):
+        rows = np.random.default_rng(b).choice(len(image_class), 8, replace=False)
+        pos = positions_of(b, 8)  # global: anchors 0-3, negatives 4-7; rank r has anchors 2r, 2r+1
+        whole = one._negatives(b, rows, pos)
+        for r, tb in enumerate(ranks):
+            mine = [2 * r, 2 * r + 1]
+            part = tb._negatives(b, rows, [pos[i] for i in mine] + [pos[4 + i] for i in mine])
+            assert torch.equal(part["neg_tokens"], whole["neg_tokens"][mine])
+            assert torch.equal(part["neg_labels"], whole["neg_labels"][mine])
+            at = whole.get("replace_at", torch.empty(0, dtype=torch.long)).tolist()
+            want = [(k, 4 + i) for k, i in enumerate(mine) if 4 + i in at]  # (local place, global place)
+            assert part.get("replace_at", torch.empty(0)).tolist() == [2 + k for k, _ in want]
+            for j, (_, g) in enumerate(want):
+                assert torch.equal(part["replace_images"][j], whole["replace_images"][at.index(g)])
+            replaced += len(want)
+    assert replaced > 10
+
+
 def test_cuhk_random_negative_is_a_uniform_caption_not_a_uniform_image(monkeypatch):
     """rand_diff_class2.m draws a caption index: an identity is chosen in proportion to its captions. Identity 1
     has 1 image with 30 captions, identity 2 has 30 images with one caption each (anchors: identity 0)."""
