@@ -28,6 +28,7 @@ CHOICES: dict[str, tuple] = {
     "backbone_style": ("auto", "torchvision", "caffe"),
     "compile": ("auto", "off", "cuda_graph", "inductor"),
     "last_batch": ("keep", "drop"),
+    "text_init": ("word2vec", "random"),
 }
 
 
@@ -47,6 +48,9 @@ class Config:
     dropout: float = 0.75  # drop probability (decision 13): Flickr30k 0.75, MSCOCO 0.5, CUHK-PEDES 0.8
     classifier_bias: bool = True  # shared W bias: yes for Flickr30k-ResNet-50 and CUHK, no for MSCOCO (spec 6.1)
     position_shift: bool = True  # False = left alignment (Table 4 ablation)
+    # Stage I's word2vec layer: "word2vec" (spec 3) or "random" (Table 3 ablation: U(+-sqrt(3/V)), the V->300 conv's
+    # rule; its multipliers unchanged); Stage II takes the layer from the Stage I checkpoint
+    text_init: str = "word2vec"
     backbone_bn: str = "paper"  # "update": backbone BN statistics move at 0.1 in both stages (random init only)
     # "caffe" = the original MatConvNet backbone (python -m matconvnet backbone), input 0-255 minus the training images'
     # RGB mean; "torchvision" = torchvision's weights with ImageNet mean/std; "auto" = caffe when --pretrained FILE

@@ -60,7 +60,8 @@ def make_model(cfg: Config, data: Prepared, init: dict | None) -> tuple[DualPath
                   backbone_bn_eps=cfg.backbone_bn_eps, backbone_width=cfg.backbone_width, pixel_mean=pixel_mean,
                   image_pool=math.ceil(cfg.train_crop / 32))  # the layer4 map of a training crop: 7 at 224
     if init is None:
-        model = build_model(word2vec=data.word2vec(), pretrained=cfg.pretrained, **kwargs)
+        word2vec = data.word2vec() if cfg.text_init == "word2vec" else None  # None: random (Table 3 ablation)
+        model = build_model(word2vec=word2vec, pretrained=cfg.pretrained, **kwargs)
         return model, model.image.pretrained_source
     old = config_from_dict(init["config"]).to_dict()
     old["backbone_style"] = resolve_backbone_style(Config(backbone_style="auto"), init)  # the checkpoint's own

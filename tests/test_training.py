@@ -169,3 +169,23 @@ def test_tensorboard_has_losses_lrs_val_metrics_and_retrieval_grids(stage1):
     assert {"val/retrieval_t2i", "val/retrieval_i2t"} <= images
     grid = acc.Images("val/retrieval_t2i")[-1]
     assert grid.width > 100 and grid.height > 50
+
+
+# ------------------------------------------------------------------------------------------------- Table 3 ablation
+def test_text_init_random_is_table_3s_ablation(prepared, tmp_path):
+    """``text_init: random`` starts Stage I's word2vec layer from U(+-sqrt(3/V)) instead of the word2vec rows (the
+    padding row stays 0); Stage II takes the layer from the Stage I checkpoint whatever its own text_init says."""
+    paper = Trainer(tiny(), prepared, tmp_path / "w2v")
+    w2v = paper.data.word2vec()
+    assert torch.equal(paper.module.text.embed.weight[1:], w2v)
+    ablation = Trainer(tiny(text_init="random"), prepared, tmp_path / "random")
+    emb = ablation.module.text.embed.weight.detach()
+    bound = math.sqrt(3.0 / ablation.data.vocab_size)
+    assert not emb[0].any() and emb[1:].abs().max() <= bound and emb[1:].abs().max() > 0.9 * bound
+    assert emb[1:].std() == pytest.approx(bound / math.sqrt(3), rel=0.1)  # uniform, not the word2vec rows
+    ablation.save()
+    ablation.log.close()
+    paper.log.close()
+    s2 = Trainer(tiny(**STAGE2), prepared, tmp_path / "s2", init=tmp_path / "random" / ckpt.LAST)
+    assert torch.equal(s2.module.text.embed.weight, emb)
+    s2.log.close()
