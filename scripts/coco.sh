@@ -24,10 +24,10 @@ case "$ARCH" in
          COMPARE_5K=(); COMPARE_1K=() ;;  # no MSCOCO VGG-19 number was seen (spec 9.3)
   *) echo "error: ARCH=$ARCH; valid: resnet50, vgg19" >&2; exit 2 ;;
 esac
-TRAIN_ARGS=(); EVAL_ARGS=()
+TRAIN_ARGS=(); EVAL_ARGS=(); DICTIONARY_ARGS=(--dictionary-rule "$DICTIONARY_RULE")
 prepare_data() {
   python -m prepare.coco --images "$IMAGES" --split-json "$SPLIT_JSON" --word2vec "$WORD2VEC" --out "$PREPARED" \
-    --dictionary-rule "$DICTIONARY_RULE"
+    "${DICTIONARY_ARGS[@]}"
 }
 step_prepare
 step_train 1; step_evaluate 1
