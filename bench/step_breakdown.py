@@ -64,7 +64,7 @@ def step_parts(trainer, batch: dict, results: dict | None = None) -> dict[str, C
         instance_loss(out["txt_logits"], text_labels).backward()
 
     parts = {"image path (forward + W + backward)": image_path, "text path (forward + W + backward)": text_path}
-    if cfg.stage == 2 and cfg.negatives == "hard":
+    if cfg.ranking_batches and cfg.negatives == "hard":
         h = images.shape[0] // 2
         cand = batch["cand_tokens"].to(dev)  # (P, L)
         feats = {} if results is None else results

@@ -244,7 +244,7 @@ def measure(trainer, args, worker_counts, dev, stage, bs, precision, mode) -> li
                                          warmup=min(args.warmup, 5)))
         print(f"stage {stage} batch {bs} {mode} {precision}: model step {models[-1]:.1f} pairs/s", flush=True)
     model = max(models)
-    hard = stage == 2 and trainer.cfg.negatives == "hard"
+    hard = trainer.cfg.ranking_batches and trainer.cfg.negatives == "hard"
     mine = mining_alone_s(trainer, max(3, args.steps // 4)) if hard else 0.0
     peak = f"{torch.cuda.max_memory_allocated(trainer.device) / 2 ** 30:.1f}" if cuda else "–"
     rows = []

@@ -69,7 +69,8 @@ class Config:
     weight_decay: float = 1e-4
     lr_mults: dict = field(default_factory=dict)  # {group: multiplier} replacing the paper's (models/param_groups.py)
     lr_schedule: list = field(default_factory=lambda: [[240, 1.0]])  # [[epochs, factor], ...]
-    # losses (spec 6.3): Stage I uses lambda_rank = 0
+    # losses (spec 6.3): Stage I uses lambda_rank = 0; > 0 in Stage I (Table 2's "only ranking loss" ablation) builds
+    # Stage II's batches (anchors, negatives, mining) with the backbone still frozen
     lambda_rank: float = 0.0
     lambda_img: float = 1.0
     lambda_txt: float = 1.0
@@ -95,6 +96,11 @@ class Config:
     compile: str = "auto"
     eval_batch_size: int = 64
     log_every: int = 10  # steps between TensorBoard scalar writes
+
+    @property
+    def ranking_batches(self) -> bool:
+        """Batches of anchors and negatives (spec 7.5): Stage II, or Stage I with a ranking loss (an ablation)."""
+        return self.stage == 2 or self.lambda_rank > 0
 
     @property
     def epochs(self) -> int:

@@ -165,8 +165,8 @@ class TrainStep:
                  graph_factory: Callable[[], Any] | None = None) -> None:
         self.cfg, self.module, self.model, self.optimizer, self.scaler = cfg, module, model, optimizer, scaler
         self.device, self.channels_last, self.mode = device, channels_last, mode
-        self.mining = cfg.stage == 2 and cfg.negatives == "hard"
-        self.lambda_rank = cfg.lambda_rank if cfg.stage == 2 else 0.0
+        self.mining = cfg.ranking_batches and cfg.negatives == "hard"
+        self.lambda_rank = cfg.lambda_rank  # Stage I: 0 (> 0: the "only ranking loss" ablation, Stage II's batches)
         names = ["loss/instance_img", "loss/instance_txt"] + (["loss/rank"] if self.lambda_rank else [])
         self.stats = StepStats(names + ["loss/total", "acc/img_top1", "acc/txt_top1"], device)
         self.graph_factory = graph_factory or (CudaGraph if device.type == "cuda" else EmulatedGraph)

@@ -189,3 +189,25 @@ def test_text_init_random_is_table_3s_ablation(prepared, tmp_path):
     s2 = Trainer(tiny(**STAGE2), prepared, tmp_path / "s2", init=tmp_path / "random" / ckpt.LAST)
     assert torch.equal(s2.module.text.embed.weight, emb)
     s2.log.close()
+
+
+def test_stage1_ranking_loss_only_is_table_2s_ablation(prepared, tmp_path):
+    """Stage I with lambda_rank > 0 (Table 2's "only ranking loss", lambda_img = lambda_txt = 0): Stage II's batches
+    (anchors, negatives, hard negatives mined), J = lambda_rank * sum(L1 + L2) / B, the backbone still frozen."""
+    cfg = tiny(lambda_rank=2.0, lambda_img=0.0, lambda_txt=0.0)
+    t = Trainer(cfg, prepared, tmp_path / "rank")
+    assert t.batches.spec.stage == 2 and t.stepper.mining and t.stepper.lambda_rank == 2.0
+    backbone, before = backbone_state(t.module), state_copy(t.module)
+    t.model.train()
+    for b in range(STEPS_PER_EPOCH):
+        batch = t.batches[b]
+        assert "cand_tokens" in batch
+        t.train_step(batch)
+        v = t.step_values()
+        assert v["loss/total"] == pytest.approx(2.0 * v["loss/rank"] * (batch["labels"].numel() // 2)
+                                                / batch["labels"].numel(), rel=1e-5)
+    after = state_copy(t.module)
+    assert not changed(backbone, backbone_state(t.module))
+    assert changed(before, after, "text.") and changed(before, after, "image.fc1")
+    t.log.close()
+    assert Trainer(tiny(), prepared, tmp_path / "paper").batches.spec.stage == 1  # the paper's Stage I
