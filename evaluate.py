@@ -63,8 +63,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--save-embeddings", metavar="NPZ", help="also save the encoded features (--checkpoint)")
     p.add_argument("--batch-size", type=int, default=64, help="images per encoding batch (default 64)")
     p.add_argument("--precision", default="fp32", choices=("auto", "bf16", "fp16", "fp32"),
-                   help="encoding precision (default fp32, the paper's, with TF32 matmuls on CUDA; bf16/fp16: "
-                        "autocast; auto: bf16 on CUDA, fp32 on CPU)")
+                   help="encoding precision (default fp32, the paper's; on CUDA with TF32 matmuls, which the "
+                        "paper's GPUs did not have; bf16/fp16: autocast; auto: bf16 on CUDA, fp32 on CPU)")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     args = p.parse_args(argv)
     if args.coco_1k:
@@ -76,6 +76,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     for flag, value in (("--visualize", args.visualize), ("--save-embeddings", args.save_embeddings)):
         if value and not args.checkpoint:
             p.error(f"{flag} needs --checkpoint (it uses the prepared images / writes the encoded features)")
+    if args.first_k is not None and not args.checkpoint:
+        p.error("--first-k needs --checkpoint (saved embeddings do not record which caption of its image each is)")
     return args
 
 
@@ -137,9 +139,9 @@ def protocol_name(dataset: str, split: str, n_images: int, folds: int | None, fi
     if folds is None and dataset == "coco" and split == "test":
         return f"coco-{n_images}img" + caps
     if folds is None and dataset == "cuhk_pedes" and split == "test":
-        return "cuhk-pedes-test"
+        return "cuhk-pedes-test" + caps
     if folds is None and dataset in ("flickr30k", "flickr8k") and n_images == 1000:
-        return f"{dataset}-1k-{split}"
+        return f"{dataset}-1k-{split}" + caps
     return f"{dataset}-{n_images}img-{split}" + (f"-{folds}fold" if folds else "") + caps
 
 

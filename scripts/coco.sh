@@ -36,4 +36,6 @@ ck="$RUNS/stage2/checkpoint_last.pt"
 python evaluate.py --checkpoint "$ck" --data "$PREPARED" --split test --coco-1k --out "$RUNS/stage2/results_test_1k.json" \
   "${COMPARE_1K[@]}"
 python evaluate.py --checkpoint "$ck" --data "$PREPARED" --split test --first-k 5 --out "$RUNS/stage2/results_test_5k_first5.json"
+python evaluate.py --checkpoint "$ck" --data "$PREPARED" --split test --coco-1k --first-k 5 \
+  --out "$RUNS/stage2/results_test_1k_first5.json"
 python evaluate.py --table "$RUNS"/stage*/results_test*.json

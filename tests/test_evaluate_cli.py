@@ -157,6 +157,15 @@ def test_protocol_names_match_paper_rows():
     assert evaluate.protocol_name("coco", "test", 5000, 5, None) in protocols
     assert evaluate.protocol_name("cuhk_pedes", "test", 3074, None, None) in protocols
     assert evaluate.protocol_name("coco", "test", 5000, None, 5) not in protocols  # first-5 is a different row
+    # fewer captions than the paper scored is never its protocol, whatever the dataset
+    assert evaluate.protocol_name("flickr30k", "test", 1000, None, 1) == "flickr30k-1k-test-first1caps"
+    assert evaluate.protocol_name("cuhk_pedes", "test", 3074, None, 1) == "cuhk-pedes-test-first1caps"
+
+
+def test_first_k_needs_a_checkpoint():
+    """Saved embeddings carry no caption index: --first-k cannot filter them (it was ignored yet recorded)."""
+    proc = run("--embeddings", "x.npz", "--first-k", "2")
+    assert proc.returncode == 2 and "--first-k needs --checkpoint" in proc.stderr
 
 
 def test_checkpoint_needs_data():
