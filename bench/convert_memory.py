@@ -58,7 +58,7 @@ def write_files(folder: Path, sizes: dict) -> tuple[dict[str, Path], int, int]:
     files = {"v5 (compressed, -v7)": fx.save_v5(folder / "net-epoch-60.mat", {"net": fx.net_struct(nb, mean)}),
              "v7.3 (HDF5)": fx.save_v73(folder / "net-epoch-60-v73.mat", {"net": fx.net_struct(nb, mean)}),
              "dictionary": fx.save_v5(folder / "flickr30k_dictionary.mat", {"subset": fx.dictionary_struct(
-                 [f"w{i}" for i in range(sizes["vocab"])])})}
+                 [f"w{i}" for i in range(sizes["vocab"])], net=nb)})}
     return files, n_params, n_bytes
 
 

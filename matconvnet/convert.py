@@ -108,6 +108,29 @@ def _infer_dataset(max_len: int, classifier_bias: bool) -> str:
     return "cuhk_pedes" if max_len == 56 else "flickr30k" if classifier_bias else "coco"
 
 
+MIN_ROW_COSINE = 0.5  # median over words; the trained network's rows stay near their word2vec start (~1.0)
+
+
+def check_dictionary_rows(dag: Any, given: Any, vocab: int) -> float | None:
+    """fc2f starts as the dictionary's vectors, row v = word v (resnet52_new_hope_word2_pool.m) and trains at a 1e-3
+    multiplier, so its rows stay close to them: a dictionary of the right size in another order (or another one)
+    has rows pointing elsewhere. The median cosine of row v with word v's vector, or None for a word list without
+    vectors (nothing to compare)."""
+    if given.vectors is None:
+        dag.warnings.append(f"the dictionary {given.info['path']} has no vectors: its word order could not be "
+                            f"checked against the network's word2vec layer")
+        return None
+    rows = np.asarray(dag.params["fc2f"], dtype=np.float64).reshape(vocab, -1, order="F")  # (V, 300)
+    vecs = np.asarray(given.vectors, dtype=np.float64)
+    cos = (rows * vecs).sum(1) / np.maximum(np.linalg.norm(rows, axis=1) * np.linalg.norm(vecs, axis=1), 1e-12)
+    median = float(np.median(cos))
+    if median < MIN_ROW_COSINE:
+        raise dag.fail(f"the word2vec layer fc2f does not match the dictionary {given.info['path']} row by row "
+                       f"(median cosine {median:.2f} between row v and word v's vector, expected near 1): not the "
+                       f"dictionary this network was trained with, or its words in another order")
+    return median
+
+
 def model_checkpoint(dag: Any, given: Any, manifest: dict[str, Any] | None = None, dataset: str | None = None,
                      where: str = "--data") -> dict[str, Any]:
     """Check and convert a trained DualPath DagNN: the full checkpoint dict (``model`` = tensors)."""
@@ -125,6 +148,7 @@ def model_checkpoint(dag: Any, given: Any, manifest: dict[str, Any] | None = Non
     if len(given.words) != vocab:
         raise dag.fail(f"the network's word2vec layer fc2f has {vocab} words but the dictionary "
                        f"{given.info['path']} has {len(given.words)}; give the dictionary the network was trained with")
+    check_dictionary_rows(dag, given, vocab)
     if manifest is not None:
         want = {"vocab_size": vocab, "dictionary_sha256": sha, "max_len": max_len,
                 "num_classes": cls_info["num_classes"]}

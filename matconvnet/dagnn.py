@@ -224,7 +224,8 @@ def check_resnet_geometry(dag: DagNN) -> None:
                            f"{got[0]} {got[1]} stride {got[2]} pad {got[3]}")
 
 
-def _conv_check(dag: DagNN, e: Entry) -> None:
+def check_conv_block(dag: DagNN, e: Entry) -> None:
+    """A conv layer's block (params, size, stride, pad, dilate, hasBias) against the target entry."""
     layer = dag.layer(e.layer, "dagnn.Conv")
     has_bias = len(e.params) == 2
     want = list(e.params)
@@ -297,16 +298,19 @@ def convert(dag: DagNN, entries: list[Entry], backbone_eps: float) -> dict[str, 
             mult, bias, moments = values
             sigma = moments.reshape(c, 2, order="F")[:, 1].astype(np.float64)
             var = sigma ** 2 - eps
-            if (var < 0).any():
-                dag.warnings.append(f"layer {e.layer!r}: {int((var < 0).sum())} of {c} channels have sigma^2 < eps "
+            # sigma stored as float32(sqrt(var + eps)): a zero-variance channel reads back ~1e-7 eps below eps, which
+            # is rounding, not a short sigma (a never-updated new BN has sigma 0: var = -eps)
+            short = var < -1e-4 * eps
+            if short.any():
+                dag.warnings.append(f"layer {e.layer!r}: {int(short.sum())} of {c} channels have sigma^2 < eps "
                                     f"({eps:g}); their running_var is clamped to 0")
-                var = np.maximum(var, 0.0)
+            var = np.maximum(var, 0.0)
             out.update({f"{e.key}.weight": mult.ravel(order="F"), f"{e.key}.bias": bias.ravel(order="F"),
                         f"{e.key}.running_mean": moments.reshape(c, 2, order="F")[:, 0],
                         f"{e.key}.running_var": var.astype(np.float32),
                         f"{e.key}.num_batches_tracked": np.zeros((), dtype=np.int64)})
             continue
-        _conv_check(dag, e)
+        check_conv_block(dag, e)
         f = values[0]
         _shape_check(dag, e.params[0], f, e.size)
         f = f.reshape(e.size, order="F")  # a view: restores trailing singleton dimensions

@@ -10,7 +10,9 @@ from __future__ import annotations
 import string
 from typing import Any
 
-from matconvnet.dagnn import DagNN, Entry, Node
+from dataclasses import replace
+
+from matconvnet.dagnn import DagNN, Entry, Node, check_conv_block
 from models import spec
 from prepare.matfile import describe
 
@@ -198,5 +200,6 @@ def classifier_spec(dag: DagNN, dim: int) -> tuple[list[Entry], list[Node], dict
             raise dag.fail(f"layer {layer!r} has params {list(got)}, expected {list(names)}: both paths must share "
                            f"one classifier W")
     nodes = [Node("fc_img", "dagnn.Conv", ("dropout",)), Node("fc_txt", "dagnn.Conv", ("dropout2",))]
-    return [Entry("linear", "fc_img", names, spec.CLASSIFIER, (1, 1, dim, int(w.shape[3])))], nodes, \
-        {"num_classes": int(w.shape[3]), "classifier_bias": bias}
+    entry = Entry("linear", "fc_img", names, spec.CLASSIFIER, (1, 1, dim, int(w.shape[3])))
+    check_conv_block(dag, replace(entry, layer="fc_txt"))  # fc_img's block is checked where W is read
+    return [entry], nodes, {"num_classes": int(w.shape[3]), "classifier_bias": bias}

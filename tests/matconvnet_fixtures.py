@@ -335,8 +335,14 @@ def save_v73(path: Path, variables: dict[str, Any]) -> Path:
     return path
 
 
-def dictionary_struct(words: list[str], dim: int = 300, seed: int = 1) -> dict[str, Any]:
-    """make_dictionary.m's ``subset``: names (1xV cell), features (300xV single), is_appear."""
+def dictionary_struct(words: list[str], dim: int = 300, seed: int = 1, net: Any = None) -> dict[str, Any]:
+    """make_dictionary.m's ``subset``: names (1xV cell), features (300xV single), is_appear. With ``net`` (a
+    dual_path_net), the dictionary that net was trained from: its fc2f row v started as word v's vector and moved a
+    little (here: 1 % noise), as the converter's check expects."""
     rng = np.random.default_rng(seed)
+    feats = rng.standard_normal((dim, len(words)))
+    if net is not None:
+        rows = np.asarray(net.params["fc2f"], dtype=np.float64).reshape(len(words), dim, order="F")
+        feats = rows.T + 0.01 * rows.std() * feats
     return {"is_appear": np.ones((1, 20), dtype=np.float32), "names": Cell(words),
-            "features": np.asfortranarray(rng.standard_normal((dim, len(words))).astype(np.float32))}
+            "features": np.asfortranarray(feats.astype(np.float32))}

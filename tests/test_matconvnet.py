@@ -57,8 +57,8 @@ def files(tmp_path_factory, nets):
     out["imagenet_nb"] = fx.resnet_net(seed=9)
     out["imagenet"] = fx.save_v5(root / "imagenet-resnet-50-dag.mat", fx.net_struct(out["imagenet_nb"], IMAGENET_MEAN))
     for kind in KINDS:
-        out[f"dict_{kind}"] = fx.save_v5(root / f"{kind}_dictionary.mat",
-                                         {"subset": fx.dictionary_struct(words(KINDS[kind]["vocab"]))})
+        subset = fx.dictionary_struct(words(KINDS[kind]["vocab"]), net=nets[kind])  # the net's own dictionary
+        out[f"dict_{kind}"] = fx.save_v5(root / f"{kind}_dictionary.mat", {"subset": subset})
     return out
 
 
@@ -84,10 +84,10 @@ def test_header_sniffing_and_v73_reads_and_converts_like_v5(files):
         assert torch.equal(a[k], b[k]), k
 
 
-def test_authors_dictionary_mat_and_word_list(files, tmp_path):
+def test_authors_dictionary_mat_and_word_list(files, nets, tmp_path):
     d = read_given_dictionary(files["dict_flickr30k"])
     assert d.words == words(12) and d.vectors.shape == (12, 300)
-    want = fx.dictionary_struct(words(12))["features"].T
+    want = fx.dictionary_struct(words(12), net=nets["flickr30k"])["features"].T
     np.testing.assert_array_equal(d.vectors, want)  # subset.features is 300 x V: column v = word v
     lst = tmp_path / "dictionary.txt"
     lst.write_bytes("".join(w + "\n" for w in d.words).encode())
@@ -139,7 +139,13 @@ def test_bn_rule_and_clamp_warning(nets, flickr_ckpt):
     moments["value"][:3, 1] = 0.0  # never-updated moments of a new BN: sigma 0 < sqrt(eps)
     ckpt = conv.model_checkpoint(mn.parse_dagnn(Path("net.mat"), struct), given(12))
     assert (ckpt["model"]["image.fc1_bn.running_var"][:3] == 0).all()
-    assert any("fc1bn" in w and "clamped" in w for w in ckpt["provenance"]["warnings"])
+    assert any("fc1bn" in w and "3 of" in w and "clamped" in w for w in ckpt["provenance"]["warnings"])
+    # a zero-variance channel as the importer stores it, sigma = float32(sqrt(eps)): rounding, no warning
+    moments["value"][:3, 1] = np.float32(np.sqrt(1e-3))
+    assert (moments["value"][:3, 1].astype(np.float64) ** 2 < 1e-3).all()  # a hair below eps, as the audit found
+    ckpt = conv.model_checkpoint(mn.parse_dagnn(Path("net.mat"), struct), given(12))
+    assert (ckpt["model"]["image.fc1_bn.running_var"][:3] == 0).all()
+    assert not any("fc1bn" in w for w in ckpt["provenance"]["warnings"])
 
 
 # ------------------------------------------------------------------------------------------------ refusals
@@ -194,6 +200,14 @@ def _text_pool(s):
     _layer(s, "fc5_1")["block"][0]["stride"] = np.array([[1.0, 2.0]])
 
 
+def _text_classifier_without_bias(s):  # fc_txt's block says no bias while it names fcshareb
+    _layer(s, "fc_txt")["block"][0]["hasBias"] = np.array([[False]])
+
+
+def _text_classifier_dilated(s):
+    _layer(s, "fc_txt")["block"][0]["dilate"] = np.array([[2.0, 2.0]])
+
+
 def _mixed_eps(s):
     _layer(s, "bn3b_branch2b")["block"][0]["epsilon"] = np.array([[1e-4]])
 
@@ -208,6 +222,8 @@ REFUSALS = {  # mutation -> a fragment the error must contain (besides the file 
     "pool1 pad": (_pool1_pad, "layer 'pool1': expected max pooling [3, 3] stride [2, 2] pad [0, 1, 0, 1]"),
     "text pad": (_text_pad, "layer 'fc3_2_2'"),
     "two classifiers": (_two_classifiers, "must share one classifier W"),
+    "text classifier hasBias": (_text_classifier_without_bias, "layer 'fc_txt': block.hasBias disagrees"),
+    "text classifier dilate": (_text_classifier_dilated, "layer 'fc_txt': dilate [2, 2]"),
     "mixed BN eps": (_mixed_eps, "backbone BatchNorm layers use different epsilons [1e-05, 0.0001]"),
     "text pool": (_text_pool, "layer 'fc5_1': expected a max (or avg) pooling [1 L/4]"),
 }
@@ -235,6 +251,20 @@ def test_vector_orientation_and_single_precision_eps_are_accepted(nets, flickr_c
 def test_coco_inventory_is_415_and_flickr_416(nets):
     assert len(nets["coco"].params) == 415 and len(nets["flickr30k"].params) == 416
     assert len(fx.resnet_net(fc1000=False).params) == 213
+
+
+def test_dictionary_must_match_the_word2vec_rows(files):
+    """fc2f row v started as word v's vector: the network's own dictionary agrees (median cosine ~1); the same
+    words and vectors in reversed order, a same-size dictionary that is not the network's, is refused; a word list
+    (no vectors) converts with a warning that the order was not checked."""
+    dag = conv.load_dagnn(files["flickr30k"])
+    right = read_given_dictionary(files["dict_flickr30k"])
+    assert conv.check_dictionary_rows(dag, right, 12) > 0.99
+    wrong = GivenDictionary(right.words[::-1], right.vectors[::-1].copy(), right.info)
+    with pytest.raises(mn.ConvertError, match="another order"):
+        conv.model_checkpoint(dag, wrong)
+    ckpt = conv.model_checkpoint(conv.load_dagnn(files["flickr30k"]), given(12))
+    assert any("could not be checked" in w for w in ckpt["provenance"]["warnings"])
 
 
 def test_vocabulary_mismatch_is_refused(files):
@@ -369,7 +399,7 @@ def test_convert_prepare_with_dictionary_evaluate_compare_paper(tmp_path, capsys
     vocab = ["unused"] + FLICKR_DICTIONARY[::-1]
     nb = fx.dual_path_net("flickr30k", vocab=len(vocab), classes=5, seed=11)  # Karpathy split: 5 training images
     net = fx.save_v5(tmp_path / "net-epoch-60.mat", {"net": fx.net_struct(nb, NET_MEAN)})
-    dic = fx.save_v5(tmp_path / "flickr30k_dictionary.mat", {"subset": fx.dictionary_struct(vocab)})
+    dic = fx.save_v5(tmp_path / "flickr30k_dictionary.mat", {"subset": fx.dictionary_struct(vocab, net=nb)})
     prep = tmp_path / "prep"
     assert flickr30k.main(["--images", str(raw.images), "--captions", str(raw.token), "--split-json",
                            str(raw.split_json), "--dictionary", str(dic), "--out", str(prep), "--workers", "1",
