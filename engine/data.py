@@ -30,6 +30,8 @@ from torch.utils.data import Dataset
 from prepare.images import original_crop_box  # spec 2.5's crop (prepare.synthetic_backbone cuts it too)
 from utils.cli import InvalidValue, UserError
 
+from .config import CHOICES
+
 FORMAT_VERSION = 1
 SPLITS = ("train", "val", "test")
 
@@ -141,8 +143,8 @@ class TrainBatches(Dataset):
                              f"{' into anchor/negative halves' if spec.stage == 2 else ''}")
         self.train_rows = data.split_images("train")  # image rows; label = class
         self.image_class = data.images["label"].to_numpy()
-        if spec.last_batch not in ("keep", "drop"):
-            raise InvalidValue(f"last_batch must be one of ['keep', 'drop'], got {spec.last_batch!r}")
+        if spec.last_batch not in CHOICES["last_batch"]:
+            raise InvalidValue(f"last_batch must be one of {list(CHOICES['last_batch'])}, got {spec.last_batch!r}")
         caps = data.captions
         train_caps = np.flatnonzero(caps["split"].to_numpy() == "train")
         cap_class = caps["label"].to_numpy()[train_caps]
@@ -168,7 +170,8 @@ class TrainBatches(Dataset):
         self.pool_excludes_anchors_only = data.manifest.get("dataset") == "coco"
         if spec.stage == 2 and spec.negatives == "hard" and len(self.train_rows) <= spec.batch_size:
             raise InvalidValue(f"{data.root}: hard negatives come from training images outside the batch: "
-                               f"{len(self.train_rows)} training images leave none outside a batch of {spec.batch_size}")
+                               f"{len(self.train_rows)} training images leave none outside a batch of "
+                               f"{spec.batch_size}")
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch

@@ -111,8 +111,8 @@ class Trainer:
             self.model = DDP(self.module, device_ids=[local_rank] if cuda else None)
         self.stepper = TrainStep(cfg, self.module, self.model, self.optimizer, self.scaler, self.device,
                                  self.channels_last, self.mode, graph_factory)
-        self.spec = TrainSpec(stage=2 if cfg.ranking_batches else 1, batch_size=cfg.batch_size, crop=cfg.train_crop, seed=cfg.seed,
-                              position_shift=cfg.position_shift, negatives=cfg.negatives,
+        self.spec = TrainSpec(stage=2 if cfg.ranking_batches else 1, batch_size=cfg.batch_size, crop=cfg.train_crop,
+                              seed=cfg.seed, position_shift=cfg.position_shift, negatives=cfg.negatives,
                               num_candidates=cfg.num_candidates, world_size=self.world, rank=self.rank,
                               last_batch=cfg.last_batch)
         self.batches = TrainBatches(self.data, self.spec)

@@ -111,7 +111,7 @@ def _infer_dataset(max_len: int, classifier_bias: bool) -> str:
 MIN_ROW_COSINE = 0.5  # median over words; the trained network's rows stay near their word2vec start (~1.0)
 
 
-def check_dictionary_rows(dag: Any, given: Any, vocab: int) -> float | None:
+def check_dictionary_rows(dag: mn.DagNN, given: GivenDictionary, vocab: int) -> float | None:
     """fc2f starts as the dictionary's vectors, row v = word v (resnet52_new_hope_word2_pool.m) and trains at a 1e-3
     multiplier, so its rows stay close to them: a dictionary of the right size in another order (or another one)
     has rows pointing elsewhere. The median cosine of row v with word v's vector, or None for a word list without
