@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU figure of the training-speed work in one run (a GPU host; `all` took 11 min on one H200 on
 # 2026-12-04, before breakdown was added):
-#   bash bench/gpu_check.sh [all|mechanics|speed|breakdown|rows|inductor|demo]... [--out DIR]
+#   bash bench/gpu_check.sh [all|mechanics|speed|breakdown|rows|streams|inductor|demo]... [--out DIR]
 # mechanics: the CUDA tests of the captured step (tests/test_cuda_step.py), eager vs captured parity over 200 steps
 #            of the Flickr30k Stage II recipe (bench/graph_parity.py);
 # speed:     ResNet-50 Flickr30k recipes at the paper's batch of 32, eager and captured, fp32 (TF32) and bf16, and
@@ -14,6 +14,10 @@
 #            29,783 classes), ResNet-50 and VGG-19 (MSCOCO, 113,287), ResNet-50 and VGG-16 (CUHK-PEDES, 11,003);
 #            ROWS="coco_vgg19:113287 ..." (config prefix:classes) measures only those; 90 steps each (with 30, two
 #            rows' windows lasted 0.3-0.9 s and their loops read 55-62 % of the model step, every other >= 94 %);
+# streams:   branch_streams: true (opt-in since 2026-12-05, the image and text paths on two CUDA streams; not in
+#            all): its CUDA tests (each path on its own stream; trains like one stream), the ResNet-50 recipes at
+#            batch 32 captured with and without it, and 60 steps of Stage II eager / captured with and without it
+#            against eager (bench/graph_parity.py --branch-streams); ~5 min estimated;
 # inductor:  compile: inductor (opt-in; not in all; its limits add up to 20 min), the figures that decide whether it
 #            can be the default first: one batch's gradients per module against float64, eager TF32 off / on /
 #            inductor (bench/graph_parity.py --one-step); the ResNet-50 recipes at batch 32, captured, with and
@@ -23,8 +27,8 @@
 # demo:      scripts/demo.sh end to end, timed (alone on the machine: the shared synthetic set is built after it
 #            when demo is the first part).
 # Parts run in the order given. With one short device session (15 min, 10 per command):
-#   timeout 570 bash bench/gpu_check.sh demo inductor --out DIR   (the demo, then inductor's figures by priority;
-#   `breakdown speed` is the next session's: where the time goes, and the default mode's figures again)
+#   timeout 570 bash bench/gpu_check.sh demo streams --out DIR   (the demo alone, then the streams' figures;
+#   the next session's: `inductor`, then `breakdown speed`: where the time goes, the default mode's figures again)
 # Tables are appended to DIR/BENCHMARKS.md (default: the repository's BENCHMARKS.md), logs to DIR/*.log. Runs with
 # the python on PATH (or .venv's); a failing part does not stop the others; exit 1 if any failed.
 set -uo pipefail
@@ -33,8 +37,9 @@ PARTS=(); OUTDIR=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --out) OUTDIR="$2"; shift 2 ;;
-    all|mechanics|speed|breakdown|rows|inductor|demo) PARTS+=("$1"); shift ;;
-    *) echo "usage: bash bench/gpu_check.sh [all|mechanics|speed|breakdown|rows|inductor|demo]... [--out DIR]" >&2
+    all|mechanics|speed|breakdown|rows|streams|inductor|demo) PARTS+=("$1"); shift ;;
+    *) echo "usage: bash bench/gpu_check.sh [all|mechanics|speed|breakdown|rows|streams|inductor|demo]..." \
+            "[--out DIR]" >&2
        exit 2 ;;
   esac
 done
@@ -93,6 +98,11 @@ for part in "${PARTS[@]}"; do
         run "row_${row%%:*}" 150 "${TT[@]}" --steps 90 --warmup 15 --compile cuda_graph \
           --config "configs/${row%%:*}_stage{stage}.yaml" --classifier-classes "${row##*:}"
       done ;;
+    streams)
+      run streams_tests 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_step.py -k branch_streams
+      wait_data
+      run streams_b32 240 "${TT[@]}" --steps 40 --warmup 12 --batch-size 32 --compile cuda_graph --branch-streams off on
+      run streams_parity 200 "$PY" bench/graph_parity.py --steps 60 --weights-at 20 --branch-streams --output "$MD" ;;
     inductor)
       wait_data
       run inductor_grads 200 "$PY" bench/graph_parity.py --one-step --inductor --output "$MD"

@@ -3,7 +3,8 @@
 From ONE Stage I checkpoint, the Flickr30k Stage II recipe (hard negatives, dropout, fp32 with TF32, channels_last)
 is trained for --steps steps three times with the same seed and the same batches: eager, eager again (the baseline:
 how much two eager runs differ, cuDNN's algorithm choice and atomics included) and captured (``compile:
-cuda_graph``); with --inductor a fourth run, ``compile: inductor`` (captured, the CNNs compiled by inductor). Each
+cuda_graph``); with --inductor a fourth run, ``compile: inductor`` (captured, the CNNs compiled by inductor); with
+--branch-streams, eager and captured with ``branch_streams: true`` (the two paths on two CUDA streams). Each
 run uses the Trainer's own loader and step; the loss terms are read back after every step.
 
 Reported: per loss term the largest and the mean absolute difference between the curves (eager vs eager, eager vs
@@ -215,6 +216,8 @@ def main() -> None:
     ap.add_argument("--perturb", type=float, default=0.0, metavar="REL", help="also eager from the Stage I weights "
                     "each multiplied by (1 + REL N(0,1)): with REL = 6e-8 (2**-24) a rounding-sized change, the "
                     "yardstick of how far training amplifies rounding within --steps (default: off)")
+    ap.add_argument("--branch-streams", action="store_true", help="also branch_streams: true, eager and captured "
+                    "(the image and text paths on two CUDA streams; CUDA only)")
     ap.add_argument("--no-captured", action="store_true", help="skip the captured run (e.g. with --perturb on CPU)")
     ap.add_argument("--inductor-scope", choices=("blocks", "whole"), default=None, help="with --one-step --inductor: "
                     "blocks = compile: inductor's (the image CNN and the text CNN's blocks; default), whole = the "
@@ -235,6 +238,8 @@ def main() -> None:
 
     if args.inductor and not args.one_step and not torch.cuda.is_available():
         ap.error("--inductor needs CUDA here (compile: inductor is CUDA only); --one-step --inductor also runs on CPU")
+    if args.branch_streams and (args.one_step or not torch.cuda.is_available()):
+        ap.error("--branch-streams needs CUDA and a training run (not --one-step)")
     if args.inductor_scope and not (args.one_step and args.inductor):
         ap.error("--inductor-scope goes with --one-step --inductor")
 
@@ -258,11 +263,14 @@ def main() -> None:
             return
         modes = [("eager", "off", 0.0), ("eager again", "off", 0.0)]  # (name, compile, relative weight noise)
         modes += [] if args.no_captured else [("captured", "cuda_graph", 0.0)]
+        modes += [("eager + streams", "off", 0.0)] if args.branch_streams else []
+        modes += [("captured + streams", "cuda_graph", 0.0)] if args.branch_streams and not args.no_captured else []
         modes += [(f"eager, weights x (1 + {args.perturb:.2g} N(0,1))", "off", args.perturb)] if args.perturb else []
         modes += [("captured + inductor", "inductor", 0.0)] if args.inductor else []
         for name, mode, noise in modes:
             runs[name] = train(args.config, data, Path(tmp) / f"run{len(runs)}", ckpt1,
-                               {**overrides, "compile": mode if cuda else "off"}, args.steps, args.weights_at,
+                               {**overrides, "compile": mode if cuda else "off",
+                                "branch_streams": name.endswith("+ streams")}, args.steps, args.weights_at,
                                emulate=mode == "cuda_graph" and not cuda,  # CPU: the tests' emulated graph
                                relative_noise=noise)
             print(f"{name}: last loss/total {runs[name][0][-1]['loss/total']:.4f}", flush=True)

@@ -1,8 +1,8 @@
 """Benchmark: training throughput of the REAL loop against the model's own step, eager and captured side by side
 (BENCHMARKS.md section 1).
 
-For each stage, batch size, step mode (``compile``: off = eager, cuda_graph = captured once and replayed),
-precision and worker count:
+For each stage, batch size, step mode (``compile``: off = eager, cuda_graph = captured once and replayed; "+ streams":
+``branch_streams: true``, the image and text paths side by side on two CUDA streams), precision and worker count:
 
 (a) the real loop: ``engine.loop.Trainer._run_epoch`` on a prepared dataset, unchanged (its one DataLoader iterator
     with workers and pinned memory, the step with mining, the device-side statistics read every ``log_every``
@@ -27,6 +27,7 @@ while the synthetic set stays small; labels use the first rows). Datasets are ca
 
     .venv/bin/python bench/train_throughput.py                       # defaults of this device
     .venv/bin/python bench/train_throughput.py --batch-size 32 128 --compile cuda_graph --precision fp32 bf16
+    .venv/bin/python bench/train_throughput.py --compile cuda_graph inductor --branch-streams off on
     .venv/bin/python bench/train_throughput.py --stage 1 --steps 2 --warmup 1 --train-images 128 --no-write
 """
 from __future__ import annotations
@@ -121,6 +122,9 @@ def main() -> None:
                     help="step modes, the config's compile values (default: off and cuda_graph on CUDA, off on CPU); "
                          "inductor = cuda_graph with the image CNN and the text CNN's blocks compiled by torch.compile "
                          "(opt-in, fp32, CUDA only)")
+    ap.add_argument("--branch-streams", nargs="+", choices=("off", "on"), default=["off"],
+                    help="the config's branch_streams: the image and text paths on two CUDA streams (default off; "
+                         "'off on' measures both)")
     ap.add_argument("--precision", nargs="+", choices=("fp32", "bf16"), default=None,
                     help="precisions (default: the config's)")
     add_recipe_args(ap)  # --config --pretrained --data --train-images (raised to (warmup + steps) x batch) ...
@@ -140,6 +144,8 @@ def main() -> None:
     from engine.config import load_config
     from engine.step import GRAPH_WARMUP
 
+    if "on" in args.branch_streams and not cuda:
+        ap.error("--branch-streams on needs CUDA")
     if {"cuda_graph", "inductor"} & set(modes) and args.warmup <= GRAPH_WARMUP:
         ap.error(f"--warmup must exceed the {GRAPH_WARMUP} eager steps before the capture")
     stages = sorted(set(args.stage))
@@ -164,15 +170,16 @@ def main() -> None:
             ckpt1 = None
             for stage in stages:
                 for precision in precisions:
-                    for mode in modes:
-                        run = Path(tmp) / f"b{bs}_s{stage}_{precision}_{mode}"
+                    for mode, streams in ((m, s) for m in modes for s in args.branch_streams):
+                        run = Path(tmp) / f"b{bs}_s{stage}_{precision}_{mode}_{streams}"
                         overrides = {"pretrained": args.pretrained, "batch_size": bs, "compile": mode,
-                                     "precision": precision}
+                                     "precision": precision, "branch_streams": streams == "on"}
                         trainer = build_trainer(args.config, stage, data, run, overrides, stage1_ckpt=ckpt1)
                         if stage == 1 and 2 in stages and ckpt1 is None:
                             trainer.save()
                             ckpt1 = run / "checkpoint_last.pt"
-                        rows += measure(trainer, args, worker_counts, dev, stage, bs, precision, mode)
+                        rows += measure(trainer, args, worker_counts, dev, stage, bs, precision,
+                                        mode + (" + streams" if streams == "on" else ""))
                         if args.validate and not val_note:
                             val_note.append(validation_note(trainer))
                         del trainer

@@ -94,6 +94,9 @@ class Config:
     # with the image CNN and the text CNN's blocks compiled by torch.compile (not identical to eager); may change on
     # resume
     compile: str = "auto"
+    # the image and the text path side by side on two CUDA streams (training forward and backward, the mining's two
+    # forwards): the same kernels, run concurrently; one CUDA process only; opt-in until measured (engine/step.py)
+    branch_streams: bool = False
     eval_batch_size: int = 64
     log_every: int = 10  # steps between TensorBoard scalar writes
 

@@ -25,7 +25,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
 from utils.cli import InvalidValue, UserError
-from models import DualPath, build_model, param_groups
+from models import DualPath, param_groups
 
 from . import checkpoint as ckpt
 from .config import Config, config_from_dict
@@ -33,14 +33,14 @@ from .data import Prepared, RunSampler, TrainBatches, TrainSpec, resolve_workers
 from .dist import all_reduce_mean, all_reduce_min, barrier, global_batchnorm, init_distributed, is_main
 from .encode import allow_tf32, encode_split
 from .model_io import make_model
-from .step import TrainStep, plain_lrs, resolve_mode
+from .step import TrainStep, branch_runner, plain_lrs, resolve_mode
 from .logging import RunLogger, retrieval_scalars
 from .metrics import evaluate_retrieval
 from .visualize import retrieval_figures
 
 DONE = "train_done.json"
 RUNTIME_KEYS = {"workers", "prefetch_factor", "log_every", "eval_batch_size", "checkpoint_every_steps",
-                "val_every", "compile"}  # may change on resume; everything else is the recipe
+                "val_every", "compile", "branch_streams"}  # may change on resume; everything else is the recipe
 
 
 class NonFiniteLoss(UserError, RuntimeError):
@@ -82,6 +82,7 @@ class Trainer:
             allow_tf32(self.device, cfg.precision)  # fp32 recipes: TF32 matmuls where the GPU has them
         self.mode = "cuda_graph" if graph_factory else resolve_mode(cfg.compile, self.device, self.world,
                                                                       cfg.precision)
+        run_branches = branch_runner(cfg.branch_streams, self.device, self.world)
         self.log = RunLogger(self.run_dir, enabled=is_main())
         self.data = Prepared(data_dir)
         torch.manual_seed(cfg.seed)  # identical initialisation on every rank
@@ -110,7 +111,7 @@ class Trainer:
             global_batchnorm(self.module)  # BN statistics over the global batch (SyncBatchNorm on NCCL)
             self.model = DDP(self.module, device_ids=[local_rank] if cuda else None)
         self.stepper = TrainStep(cfg, self.module, self.model, self.optimizer, self.scaler, self.device,
-                                 self.channels_last, self.mode, graph_factory)
+                                 self.channels_last, self.mode, graph_factory, run_branches)
         self.spec = TrainSpec(stage=2 if cfg.ranking_batches else 1, batch_size=cfg.batch_size, crop=cfg.train_crop,
                               seed=cfg.seed, position_shift=cfg.position_shift, negatives=cfg.negatives,
                               num_candidates=cfg.num_candidates, world_size=self.world, rank=self.rank,

@@ -25,6 +25,12 @@ Modes (config key ``compile``, resolved by ``resolve_mode``):
   with the rest of the step. Fused kernels round differently from eager ones, so its training is not identical to
   eager's; fp32 only (bf16 gave a non-finite loss at step 1). docs/training.md: the measurements, what is open.
 
+``branch_streams: true`` (opt-in, any mode, one CUDA process; ``BranchStreams``) runs the image and the text path on
+two CUDA streams of their own: the training forward (autograd then runs each backward op on its forward op's
+stream, so the two backward passes overlap too) and the mining's two forwards. At the paper's batch of 32 neither
+path fills an H200, and until W the two are independent. The kernels and the order of the random draws are
+unchanged, so the step computes what it computes on one stream.
+
 CPU tests run the capture logic with ``EmulatedGraph`` (capture records the function, replay re-runs it), which
 checks the static-buffer plumbing, the LR tensors and the device statistics; the real capture needs CUDA.
 """
@@ -36,7 +42,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from models import hardest_negatives, top1_accuracy, total_loss
+from models import BranchRunner, hardest_negatives, one_after_another, top1_accuracy, total_loss
+from models.dual_path import Branch
 from utils.cli import UserError
 
 from .config import Config
@@ -65,6 +72,46 @@ def resolve_mode(requested: str, device: torch.device, world: int, precision: st
     if requested in CAPTURED and why:
         raise UserError(f"compile: {requested} is not available here: {why}; use compile: auto or off")
     return requested
+
+
+class BranchStreams:
+    """``branch_streams: true``: each path of a ``DualPath.forward`` (or of the mining) on a CUDA stream of its own,
+    forked from the current stream and joined back into it before the results are used. Tensors that cross streams
+    are marked with ``record_stream``, so the caching allocator does not hand their memory out while the other
+    stream may still read it. Graph-safe: under capture the fork and the join become the graph's edges."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.streams = (torch.cuda.Stream(device), torch.cuda.Stream(device))
+
+    def __call__(self, branches: list[Branch]) -> list[dict[str, torch.Tensor]]:
+        if len(branches) > len(self.streams):
+            raise ValueError(f"{len(branches)} branches for {len(self.streams)} streams")
+        main = torch.cuda.current_stream(self.device)
+        outs = []
+        for stream, (fn, args) in zip(self.streams, branches):  # launched in order: the same random draws
+            stream.wait_stream(main)
+            with torch.cuda.stream(stream):
+                for a in args:
+                    a.record_stream(stream)
+                outs.append(fn(*args))
+        for stream, out in zip(self.streams, outs):
+            main.wait_stream(stream)
+            for t in out.values():
+                t.record_stream(main)
+        return outs
+
+
+def branch_runner(enabled: bool, device: torch.device, world: int) -> BranchRunner:
+    """``branch_streams``: the runner of the two paths; asking for streams where they cannot run is a user error."""
+    if not enabled:
+        return one_after_another
+    why = ("it needs a CUDA device" if device.type != "cuda" else
+           "it is single-process only (under torchrun DDP's gradient hooks are not set up for it)" if world > 1
+           else None)
+    if why:
+        raise UserError(f"branch_streams: true is not available here: {why}; use branch_streams: false")
+    return BranchStreams(device)
 
 
 def compile_cnns(module: nn.Module, backend: str | None = None) -> None:
@@ -162,7 +209,9 @@ class TrainStep:
 
     def __init__(self, cfg: Config, module: nn.Module, model: nn.Module, optimizer: torch.optim.Optimizer,
                  scaler: torch.amp.GradScaler, device: torch.device, channels_last: bool, mode: str,
-                 graph_factory: Callable[[], Any] | None = None) -> None:
+                 graph_factory: Callable[[], Any] | None = None,
+                 run_branches: BranchRunner = one_after_another) -> None:
+        self.run_branches = run_branches
         self.cfg, self.module, self.model, self.optimizer, self.scaler = cfg, module, model, optimizer, scaler
         self.device, self.channels_last, self.mode = device, channels_last, mode
         self.mining = cfg.ranking_batches and cfg.negatives == "hard"
@@ -189,8 +238,9 @@ class TrainStep:
         self.module.eval()
         try:
             with torch.no_grad(), autocast(self.device, self.cfg.precision, cache=not self.capturing):
-                anchor = self.module.image(images[:h])["rank"]  # (h, 2048) post-ReLU
-                pool = self.module.text(cand_tokens)["rank"]  # (P, 2048)
+                anchor, pool = self.run_branches([(self.module.image, (images[:h],)),
+                                                  (self.module.text, (cand_tokens,))])
+            anchor, pool = anchor["rank"], pool["rank"]  # (h, 2048), (P, 2048) post-ReLU
             idx = hardest_negatives(anchor, pool)  # (h,)
         finally:
             self.module.train()
@@ -222,7 +272,7 @@ class TrainStep:
             tokens, text_labels = tokens.clone(), text_labels.clone()
             tokens[h:], text_labels[h:] = neg_tokens, neg_labels
         with autocast(self.device, cfg.precision, cache=not self.capturing):
-            out = self.model(images, tokens)
+            out = self.model(images, tokens, run_branches=self.run_branches)
         loss, terms = total_loss(out, labels, text_labels, lambda_rank=self.lambda_rank, lambda_img=cfg.lambda_img,
                                  lambda_txt=cfg.lambda_txt, margin=cfg.margin, ranking=cfg.ranking_loss)
         self.optimizer.zero_grad(set_to_none=True)

@@ -7,12 +7,23 @@ classifiers) is exactly what the paper warns against: the two feature spaces wou
 from __future__ import annotations
 
 import math
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
 
 from .image_cnn import ImageCNN
 from .text_cnn import TextCNN
+
+# A branch: a path module and its arguments; a runner takes branches and returns their outputs, in order.
+Branch = tuple[Callable[..., dict[str, torch.Tensor]], tuple[torch.Tensor, ...]]
+BranchRunner = Callable[[Sequence[Branch]], list[dict[str, torch.Tensor]]]
+
+
+def one_after_another(branches: Sequence[Branch]) -> list[dict[str, torch.Tensor]]:
+    """The default runner: each path on the current stream, in order (the training engine can run them side by
+    side on CUDA streams instead, ``engine/step.py``'s ``BranchStreams``; the results are the same)."""
+    return [fn(*args) for fn, args in branches]
 
 
 class DualPath(nn.Module):
@@ -27,21 +38,24 @@ class DualPath(nn.Module):
             if classifier_bias:
                 self.classifier.bias.zero_()
 
-    def forward(self, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None
-                ) -> dict[str, torch.Tensor]:
+    def forward(self, images: torch.Tensor | None = None, tokens: torch.Tensor | None = None,
+                run_branches: BranchRunner = one_after_another) -> dict[str, torch.Tensor]:
         """Training forward. Keys: ``img_feature``/``txt_feature`` (pre-ReLU), ``img_rank``/``txt_rank``
-        (post-ReLU, before dropout), ``img_logits``/``txt_logits`` (shared W on the dropout outputs)."""
+        (post-ReLU, before dropout), ``img_logits``/``txt_logits`` (shared W on the dropout outputs).
+        ``run_branches`` runs the two paths (independent until W); W and everything after it run afterwards."""
+        branches: list[Branch] = ([(self.image, (images,))] if images is not None else []) + \
+            ([(self.text, (tokens,))] if tokens is not None else [])
+        paths = iter(run_branches(branches))
         out: dict[str, torch.Tensor] = {}
         if images is not None:
-            img = self.image(images)  # (B, 2048) each
+            img = next(paths)  # (B, 2048) each
             out.update(img_feature=img["feature"], img_rank=img["rank"],
                        img_logits=self.classifier(img["logit_input"]))  # (B, N)
         if tokens is not None:
-            txt = self.text(tokens)
+            txt = next(paths)
             out.update(txt_feature=txt["feature"], txt_rank=txt["rank"],
                        txt_logits=self.classifier(txt["logit_input"]))  # (B, N)
         return out
-
 
 def build_model(*, num_classes: int, vocab_size: int, max_len: int, word2vec: torch.Tensor | None,
                 arch: str = "resnet50", pretrained: str = "imagenet", dropout: float = 0.75,

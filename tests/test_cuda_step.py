@@ -6,7 +6,8 @@ without a re-capture, losses and weights equal to eager within float tolerance; 
 step under capture; bf16 autocast captures; the whole loop (one loader iterator, pinned copies, statistics read at
 log steps, validation between epochs) runs captured and resumes into eager; ``compile: inductor`` (opt-in) trains,
 its first step within rounding of eager's, and resumes into eager; bench/step_breakdown.py's parts, each captured in
-its own graph, replay what they compute eagerly; an epoch's smaller last batch trains eagerly between replays.
+its own graph, replay what they compute eagerly; an epoch's smaller last batch trains eagerly between replays;
+``branch_streams: true`` runs the two paths on their own streams and trains like one stream, eager and captured.
 """
 from __future__ import annotations
 
@@ -97,6 +98,49 @@ def test_smaller_last_batch_runs_eagerly_between_replays(prepared, stage1_ckpt, 
     for k, v in eager_w.items():
         if v.is_floating_point():
             assert close(v, graph_w[k]) < 1e-3, k
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_branch_streams_train_like_one_stream(prepared, stage1_ckpt, tmp_path, stage, monkeypatch):
+    """``branch_streams: true``, eager and captured: each path runs on its own side stream (not the one that
+    launched the step), and 20 steps (mining, dropout, an LR drop) stay within float tolerance of one stream's."""
+    seen: list[int] = []
+    real_call = step_mod.BranchStreams.__call__
+
+    def spy(self, branches):
+        def on_stream(fn):
+            def run(*args):
+                seen.append(torch.cuda.current_stream().stream_id)
+                return fn(*args)
+            return run
+        launcher = torch.cuda.current_stream().stream_id
+        out = real_call(self, [(on_stream(fn), args) for fn, args in branches])
+        ids = {s.stream_id for s in self.streams}
+        assert launcher not in ids and set(seen[-len(branches):]) == ids
+        return out
+
+    monkeypatch.setattr(step_mod.BranchStreams, "__call__", spy)
+    cfg = {"lr_schedule": SCHEDULE, "dropout": 0.5, **(STAGE2 if stage == 2 else {})}
+    init = stage1_ckpt if stage == 2 else None
+    runs = {}
+    for mode, streams in (("off", False), ("off", True), ("cuda_graph", True)):
+        torch.backends.cudnn.deterministic = True
+        t = Trainer(tiny(**cfg, compile=mode, branch_streams=streams), prepared, tmp_path / f"{mode}{streams}",
+                    init=init)
+        assert isinstance(t.stepper.run_branches, step_mod.BranchStreams) == streams
+        runs[(mode, streams)] = (train_20(t, sync_free(t)), {k: v.clone() for k, v in t.module.state_dict().items()})
+        t.log.close()
+    torch.backends.cudnn.deterministic = False
+    assert seen, "the streams' runner never ran"
+    ref_logs, ref_w = runs[("off", False)]
+    for key in (("off", True), ("cuda_graph", True)):
+        logs, w = runs[key]
+        for i, (a, b) in enumerate(zip(ref_logs, logs)):
+            for k in a:
+                assert math.isfinite(b[k]) and b[k] == pytest.approx(a[k], rel=1e-3, abs=1e-4), (key, i, k)
+        for k, v in ref_w.items():
+            if v.is_floating_point():
+                assert close(v, w[k]) < 1e-3, (key, k)
 
 
 def test_non_finite_is_caught_under_capture(prepared, tmp_path, monkeypatch):

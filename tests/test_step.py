@@ -25,7 +25,7 @@ from engine.config import CHOICES, Config
 from engine.data import RunSampler
 from engine.loop import NonFiniteLoss, Trainer
 from engine.step import EmulatedGraph, StepStats, resolve_mode
-from models import top1_accuracy, total_loss
+from models import one_after_another, top1_accuracy, total_loss
 from utils.cli import UserError
 from tests.training_fixtures import STAGE2, STEPS_PER_EPOCH, make_prepared, one_thread, tiny  # noqa: F401 (autouse)
 
@@ -236,6 +236,43 @@ def test_mode_resolution_and_choices():
         with pytest.raises(UserError, match=f"compile: inductor is not available here: it runs in fp32 only "
                                             f"\\(precision: {precision}"):
             resolve_mode("inductor", cuda, 1, precision)
+
+
+def test_branch_streams_choices(prepared, tmp_path):
+    cpu, cuda = torch.device("cpu"), torch.device("cuda", 0)
+    assert Config().branch_streams is False and step_mod.branch_runner(False, cuda, 1) is one_after_another
+    for device, world, why in ((cpu, 1, "it needs a CUDA device"), (cuda, 2, "it is single-process only")):
+        with pytest.raises(UserError, match=f"branch_streams: true is not available here: {why}"):
+            step_mod.branch_runner(True, device, world)
+    with pytest.raises(UserError, match="branch_streams: true is not available here"):
+        Trainer(tiny(branch_streams=True), prepared, tmp_path / "run")
+    assert not (tmp_path / "run").exists(), "a refused run leaves no run directory"
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_step_runs_both_paths_through_the_branch_runner(prepared, stage1_ckpt, tmp_path, stage, monkeypatch):
+    """What ``branch_streams`` puts on two CUDA streams: every training forward's image and text path and, in Stage
+    II, the mining's anchor images and candidate captions go through the runner, in that order; the step then trains
+    exactly as with the default runner (the streams' runner only changes where the same kernels run)."""
+    cfg = tiny(**{"lr_schedule": SCHEDULE, "dropout": 0.5, **(STAGE2 if stage == 2 else {})})
+    init = stage1_ckpt if stage == 2 else None
+    calls = []
+
+    def recording(branches):
+        calls.append([(fn, tuple(a.shape for a in args)) for fn, args in branches])
+        return one_after_another(branches)
+
+    ref = Trainer(cfg, prepared, tmp_path / "ref", init=init)
+    train_20(ref, sync_free(ref))
+    monkeypatch.setattr("engine.loop.branch_runner", lambda enabled, device, world: recording)
+    t = Trainer(cfg, prepared, tmp_path / "run", init=init)
+    train_20(t, sync_free(t))
+    b, m, crop, length = cfg.batch_size, t.module, cfg.train_crop, t.module.text.max_len
+    forward = [(m.image, ((b, 3, crop, crop),)), (m.text, ((b, length),))]
+    mining = [(m.image, ((b // 2, 3, crop, crop),)), (m.text, ((cfg.num_candidates, length),))]
+    assert calls == ([mining, forward] if stage == 2 else [forward]) * 20
+    for k, v in ref.module.state_dict().items():
+        assert torch.equal(v, t.module.state_dict()[k]), k
 
 
 @pytest.mark.parametrize("stage", [1, 2])

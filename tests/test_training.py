@@ -114,10 +114,10 @@ def test_stage2_mining_picks_argmax_and_restores_train_mode(prepared, stage1, tm
     expected = (anchor @ pool.T).argmax(1)
     seen = {}
 
-    def forward(images_in, tokens_in):  # stands in for trainer.model: records what the training forward gets
+    def forward(images_in, tokens_in, **kw):  # stands in for trainer.model: records what the training forward gets
         seen["tokens"] = tokens_in.clone()
         seen["modes"] = [m.training for m in module.modules()]
-        return module(images_in, tokens_in)
+        return module(images_in, tokens_in, **kw)
 
     module.train()
     trainer.stepper.model = forward
