@@ -27,8 +27,8 @@
 # demo:      scripts/demo.sh end to end, timed (alone on the machine: the shared synthetic set is built after it
 #            when demo is the first part).
 # Parts run in the order given. With one short device session (15 min, 10 per command):
-#   timeout 570 bash bench/gpu_check.sh demo streams --out DIR   (the demo alone, then the streams' figures;
-#   the next session's: `inductor`, then `breakdown speed`: where the time goes, the default mode's figures again)
+#   timeout 570 bash bench/gpu_check.sh demo streams breakdown --out DIR   (the demo alone, the streams' figures,
+#   then where the captured step's time goes, as far as the time allows; the next session's: `inductor`, `speed`)
 # Tables are appended to DIR/BENCHMARKS.md (default: the repository's BENCHMARKS.md), logs to DIR/*.log. Runs with
 # the python on PATH (or .venv's); a failing part does not stop the others; exit 1 if any failed.
 set -uo pipefail
