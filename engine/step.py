@@ -101,6 +101,14 @@ class BranchStreams:
                 t.record_stream(main)
         return outs
 
+    def join(self) -> None:
+        """The current stream waits for all work on the branch streams: after the backward, whose ops ran there
+        too (autograd already syncs the gradients it hands back; this also makes sure that a capture ends with no
+        work left unjoined on a side stream)."""
+        main = torch.cuda.current_stream(self.device)
+        for stream in self.streams:
+            main.wait_stream(stream)
+
 
 def branch_runner(enabled: bool, device: torch.device, world: int) -> BranchRunner:
     """``branch_streams``: the runner of the two paths; asking for streams where they cannot run is a user error."""
@@ -277,6 +285,8 @@ class TrainStep:
                                  lambda_txt=cfg.lambda_txt, margin=cfg.margin, ranking=cfg.ranking_loss)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
+        if isinstance(self.run_branches, BranchStreams):
+            self.run_branches.join()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         accs = [top1_accuracy(out["img_logits"], labels), top1_accuracy(out["txt_logits"], text_labels)]

@@ -119,7 +119,15 @@ def test_branch_streams_train_like_one_stream(prepared, stage1_ckpt, tmp_path, s
         assert launcher not in ids and set(seen[-len(branches):]) == ids
         return out
 
+    joins: list[int] = []
+    real_join = step_mod.BranchStreams.join
+
+    def counted_join(self):
+        joins.append(1)
+        real_join(self)
+
     monkeypatch.setattr(step_mod.BranchStreams, "__call__", spy)
+    monkeypatch.setattr(step_mod.BranchStreams, "join", counted_join)
     cfg = {"lr_schedule": SCHEDULE, "dropout": 0.5, **(STAGE2 if stage == 2 else {})}
     init = stage1_ckpt if stage == 2 else None
     runs = {}
@@ -128,8 +136,12 @@ def test_branch_streams_train_like_one_stream(prepared, stage1_ckpt, tmp_path, s
         t = Trainer(tiny(**cfg, compile=mode, branch_streams=streams), prepared, tmp_path / f"{mode}{streams}",
                     init=init)
         assert isinstance(t.stepper.run_branches, step_mod.BranchStreams) == streams
+        before = len(joins)
         runs[(mode, streams)] = (train_20(t, sync_free(t)), {k: v.clone() for k, v in t.module.state_dict().items()})
         t.log.close()
+        # after every backward in Python: 20 eager steps; captured, the warm-up steps and the capture (replays
+        # run the captured join)
+        assert len(joins) - before == (0 if not streams else 20 if mode == "off" else step_mod.GRAPH_WARMUP + 1)
     torch.backends.cudnn.deterministic = False
     assert seen, "the streams' runner never ran"
     ref_logs, ref_w = runs[("off", False)]
