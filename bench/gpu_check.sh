@@ -16,8 +16,8 @@
 #            rows' windows lasted 0.3-0.9 s and their loops read 55-62 % of the model step, every other >= 94 %);
 # streams:   branch_streams: true (opt-in since 2026-12-05, the image and text paths on two CUDA streams; not in
 #            all): its CUDA tests (each path on its own stream; trains like one stream), the ResNet-50 recipes at
-#            batch 32 captured with and without it, and 60 steps of Stage II eager / captured with and without it
-#            against eager (bench/graph_parity.py --branch-streams); ~5 min estimated;
+#            batch 32 captured with and without it, then with compile: inductor too, and 60 steps of Stage II eager /
+#            captured with and without it against eager (bench/graph_parity.py --branch-streams); ~7 min estimated;
 # inductor:  compile: inductor (opt-in; not in all; its limits add up to 20 min), the figures that decide whether it
 #            can be the default first: one batch's gradients per module against float64, eager TF32 off / on /
 #            inductor (bench/graph_parity.py --one-step); the ResNet-50 recipes at batch 32, captured, with and
@@ -102,6 +102,9 @@ for part in "${PARTS[@]}"; do
       run streams_tests 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_step.py -k branch_streams
       wait_data
       run streams_b32 240 "${TT[@]}" --steps 40 --warmup 12 --batch-size 32 --compile cuda_graph --branch-streams off on
+      # with inductor too: together they are the candidate for Stage II's 1,800 pairs/s (inductor alone: `inductor`)
+      run streams_inductor_b32 240 "${TT[@]}" --steps 40 --warmup 12 --batch-size 32 --compile inductor \
+        --branch-streams on
       run streams_parity 200 "$PY" bench/graph_parity.py --steps 60 --weights-at 20 --branch-streams --output "$MD" ;;
     inductor)
       wait_data

@@ -94,9 +94,10 @@ def test_gpu_check_runs_parts_in_order_and_keeps_the_demo_alone(tmp_path):
     assert names.index("bench/train_throughput.py") < names.index("bench/step_breakdown.py") < names.index("demo")
     rc, names = check("streams")  # the CUDA tests need no data; speed and parity, each with and without streams
     assert rc == 0 and sorted(names[:2]) == ["data", "pytest"], names
-    assert names[2:] == ["bench/train_throughput.py", "bench/graph_parity.py"], names
+    assert names[2:] == ["bench/train_throughput.py", "bench/train_throughput.py", "bench/graph_parity.py"], names
     lines = calls.read_text()
     assert "-k branch_streams" in lines and "--branch-streams off on" in lines and "--branch-streams --output" in lines
+    assert "--compile inductor --branch-streams on" in lines
     rc, names = check("speed", fail="bf16")
     assert rc == 1 and names.count("bench/train_throughput.py") == 4  # the other parts still ran
 
