@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Every benchmark, appended to BENCHMARKS.md (sections 1-5, 7, 12), on this machine's device (CUDA when present):
+# Every benchmark, appended to BENCHMARKS.md (sections 1-5, 7, 12, 13), on this machine's device (CUDA when present):
 #   bash bench/run_all.sh              # the real run (a quiet machine, or the GPU host)
 #   bash bench/run_all.sh --no-write   # extra arguments go to every script
 #   SMOKE=1 bash bench/run_all.sh --no-write   # tiny settings: checks that everything runs (a few minutes on CPU)
@@ -31,6 +31,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
   run loader bench/loader_throughput.py --train-images 128 --batches 4 --inprocess 2 --model-steps 1 "$@"
   run train bench/train_throughput.py --train-images 128 --steps 2 --warmup 1 "$@"
   run breakdown bench/step_breakdown.py --train-images 128 --steps 1 "$@"
+  run text-layout bench/text_layout.py --width 0.0625 --candidates 16 --repeats 1 "$@"
   run memory bench/memory.py --batch-size 2 --candidates 8 --steps 1 "$@"
   run eval bench/eval_speed.py --images 300 --repeats 1 "$@"
   run cli bench/cli_speed.py --repeats 1 --skip-embeddings "$@"
@@ -42,6 +43,7 @@ elif [ "$CUDA" = 1 ]; then
   run train-b32 bench/train_throughput.py --batch-size 32 --workers 2 "$WORKERS" "$@"
   run train-b128 bench/train_throughput.py --batch-size 128 --workers "$WORKERS" "$NPROC" "$@"
   run breakdown bench/step_breakdown.py --precision fp32 bf16 "$@"
+  run text-layout bench/text_layout.py "$@"
   run memory bench/memory.py "$@"
   run eval bench/eval_speed.py "$@"
   run cli bench/cli_speed.py "$@"
@@ -51,6 +53,7 @@ else
   run loader bench/loader_throughput.py "$@"
   run train bench/train_throughput.py --workers 1 2 "$@"
   run breakdown bench/step_breakdown.py "$@"
+  run text-layout bench/text_layout.py "$@"
   run memory bench/memory.py "$@"
   run eval bench/eval_speed.py "$@"
   run cli bench/cli_speed.py "$@"

@@ -92,9 +92,10 @@ def test_gpu_check_runs_parts_in_order_and_keeps_the_demo_alone(tmp_path):
     assert names.index("data") < names.index("bench/graph_parity.py")  # waited for before the first use
     assert names.count("bench/train_throughput.py") == 10
     assert names.index("bench/train_throughput.py") < names.index("bench/step_breakdown.py") < names.index("demo")
-    rc, names = check("streams")  # the CUDA tests need no data; speed and parity, each with and without streams
-    assert rc == 0 and sorted(names[:2]) == ["data", "pytest"], names
-    assert names[2:] == ["bench/train_throughput.py", "bench/train_throughput.py", "bench/graph_parity.py"], names
+    rc, names = check("streams")  # the layout bench and the CUDA tests need no data; then speed and parity
+    assert rc == 0 and sorted(names[:3]) == ["bench/text_layout.py", "data", "pytest"], names
+    assert names.index("bench/text_layout.py") < names.index("pytest")
+    assert names[3:] == ["bench/train_throughput.py", "bench/train_throughput.py", "bench/graph_parity.py"], names
     lines = calls.read_text()
     assert "-k branch_streams" in lines and "--branch-streams off on" in lines and "--branch-streams --output" in lines
     assert "--compile inductor --branch-streams on" in lines
