@@ -14,11 +14,12 @@
 #            29,783 classes), ResNet-50 and VGG-19 (MSCOCO, 113,287), ResNet-50 and VGG-16 (CUHK-PEDES, 11,003);
 #            ROWS="coco_vgg19:113287 ..." (config prefix:classes) measures only those; 90 steps each (with 30, two
 #            rows' windows lasted 0.3-0.9 s and their loops read 55-62 % of the model step, every other >= 94 %);
-# streams:   first the text CNN's layout since 2026-12-05, (N, L, C) matrix products against (N, C, L) convolutions
-#            (bench/text_layout.py, ~20 s); then branch_streams: true (opt-in since 2026-12-05, the image and text
-#            paths on two CUDA streams; not in all): its CUDA tests (each path on its own stream; trains like one stream), the ResNet-50 recipes at
-#            batch 32 captured with and without it, then with compile: inductor too, and 60 steps of Stage II eager /
-#            captured with and without it against eager (bench/graph_parity.py --branch-streams); ~7 min estimated;
+# streams:   (not in all) first a candidate layout of the text CNN, (N, L, C) matrix products against the model's
+#            (N, C, L) convolutions (bench/text_layout.py, ~20 s); then branch_streams: true (opt-in since 2026-12-05,
+#            the image and text paths on two CUDA streams): its CUDA tests (each path on its own stream; trains like
+#            one stream), the ResNet-50 recipes at batch 32 captured with and without it, then with compile: inductor
+#            too, and 60 steps of Stage II eager / captured with and without it against eager
+#            (bench/graph_parity.py --branch-streams); ~7 min estimated;
 # inductor:  compile: inductor (opt-in; not in all; its limits add up to 20 min), the figures that decide whether it
 #            can be the default first: one batch's gradients per module against float64, eager TF32 off / on /
 #            inductor (bench/graph_parity.py --one-step); the ResNet-50 recipes at batch 32, captured, with and
@@ -100,7 +101,7 @@ for part in "${PARTS[@]}"; do
           --config "configs/${row%%:*}_stage{stage}.yaml" --classifier-classes "${row##*:}"
       done ;;
     streams)
-      run text_layout 90 "$PY" bench/text_layout.py --output "$MD"  # the text CNN's layout: (N, L, C) vs (N, C, L)
+      run text_layout 90 "$PY" bench/text_layout.py --output "$MD"  # the text CNN: (N, C, L) vs candidate (N, L, C)
       run streams_tests 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_cuda_step.py -k branch_streams
       wait_data
       run streams_b32 240 "${TT[@]}" --steps 40 --warmup 12 --batch-size 32 --compile cuda_graph --branch-streams off on

@@ -1,7 +1,9 @@
-"""Benchmark: the text CNN's layout (BENCHMARKS.md section 13). Since 2026-12-05 ``models/text_cnn.py`` keeps the
-activations as (N, L, C) rows and runs every convolution as one matrix product (``layout nlc``); before, it ran
-``nn.Conv1d`` over (N, C, L) (``layout ncl``, ``conv1d_features`` below, the same parameters). Which is faster
-depends on the device's convolution and matrix-product kernels, so this times both where training runs:
+"""Benchmark: a candidate layout for the text CNN (BENCHMARKS.md section 13). ``models/text_cnn.py`` runs
+``nn.Conv1d`` over (N, C, L) activations (``layout ncl``). The candidate (``layout nlc``, ``rows_features`` below,
+the same parameters) keeps them as (N, L, C) rows, as the word embedding produces them, and runs every convolution as
+one matrix product over the N x L rows (the 1x2 convolution over each position's pair of inputs) and every BatchNorm
+over those rows: no transposes. Which is faster depends on the device's convolution and matrix-product kernels, so
+this times both where training runs:
 
 * train: forward + backward of the text path at the training batch (BatchNorm on batch statistics, dropout off),
   the gradient of a fixed random projection of the feature;
@@ -9,6 +11,10 @@ depends on the device's convolution and matrix-product kernels, so this times bo
 
 and reports the largest relative difference between the two layouts' features (rounding only:
 ``tests/test_text_cnn.py`` checks in float64 that they are the same function, gradients included).
+
+Tried in the model on 2026-12-05 and reverted: faster on the 2-core CPU, but its different rounding sent one demo
+seed of five below the demo's promise (docs/training.md, docs/demo.md). Worth adopting only if a GPU says it is
+much faster, together with a demo that takes off on every seed whatever the rounding.
 
     .venv/bin/python bench/text_layout.py                          # CUDA: width 1.0; CPU: the demo's 0.25 and 1.0
     .venv/bin/python bench/text_layout.py --width 1.0 --batch 32 --candidates 256 --repeats 20
@@ -28,33 +34,45 @@ if TYPE_CHECKING:
 
     from models import TextCNN
 
-HEADING = "## 13. Text CNN layout: (N, L, C) matrix products vs (N, C, L) convolutions"
+HEADING = "## 13. Text CNN layout: (N, C, L) convolutions vs (N, L, C) matrix products"
 
 
-def conv1d_features(model: TextCNN, tokens: torch.Tensor, update_stats: bool = False) -> torch.Tensor:
-    """The text CNN as ``nn.Conv1d`` computes it over (N, C, L), with the model's parameters: the feature before the
-    head's BatchNorm, (N, 2048). BatchNorm uses batch statistics in training mode (running statistics are updated
-    only with ``update_stats``) and the running ones in eval mode."""
+def rows_features(model: TextCNN, tokens: torch.Tensor, update_stats: bool = False) -> torch.Tensor:
+    """The text CNN on (N, L, C) rows with the model's parameters: each 1x1 convolution multiplies the rows by its
+    (Cout, Cin) kernel, the 1x2 convolution (left zero-padding, stride s) each position's pair of inputs by its
+    (Cout, 2 Cin) kernel, each BatchNorm normalises the N x L rows. Returns the feature before the head's BatchNorm,
+    (N, 2048). BatchNorm uses batch statistics in training mode (running statistics are updated only with
+    ``update_stats``) and the running ones in eval mode."""
+    import torch
     import torch.nn.functional as F
 
-    def bn(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    def bn(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:  # (N, L, C): per channel over the N x L rows
         mean, var = (m.running_mean, m.running_var) if update_stats else (m.running_mean.clone(), m.running_var.clone())
-        return F.batch_norm(x, mean, var, m.weight, m.bias, model.training, m.momentum, m.eps)
+        rows = F.batch_norm(x.reshape(-1, x.shape[-1]), mean, var, m.weight, m.bias, model.training, m.momentum, m.eps)
+        return rows.view(x.shape)
 
-    x = bn(model.embed_bn, (model.embed(tokens) + model.embed_bias).transpose(1, 2))  # (N, 300, L)
+    def pointwise(conv: torch.nn.Conv1d, x: torch.Tensor) -> torch.Tensor:  # stride s keeps positions 0, s, ...
+        s = conv.stride[0]
+        return F.linear(x[:, ::s] if s > 1 else x, conv.weight[:, :, 0])
+
+    def left_pad_pair(conv: torch.nn.Conv1d, x: torch.Tensor) -> torch.Tensor:  # output o sees s*o - 1 and s*o
+        n, _, c = x.shape
+        pairs = F.pad(x, (0, 0, 1, 0)).unfold(1, 2, conv.stride[0])  # (N, L/s, C, 2), in the kernel's (Cin, 2) order
+        return F.linear(pairs.reshape(n, -1, 2 * c), conv.weight.reshape(conv.out_channels, 2 * c))
+
+    x = bn(model.embed_bn, model.embed(tokens) + model.embed_bias)  # (N, L, 300)
     for blk in model.blocks:
         b = blk.branch
-        y = F.relu(bn(b[1], F.conv1d(x, b[0].weight)))  # 1x1
-        y = F.relu(bn(b[4], F.conv1d(F.pad(y, (1, 0)), b[3].conv.weight, stride=b[3].conv.stride)))  # 1x2, left pad
-        y = bn(b[7], F.conv1d(y, b[6].weight))
-        short = x if blk.shortcut is None else bn(blk.shortcut[1], F.conv1d(x, blk.shortcut[0].weight,
-                                                                              stride=blk.shortcut[0].stride))
-        x = F.relu(y + short)  # (N, C, L / stride)
-    return model.fc(x.amax(dim=2) if model.pool == "max" else x.mean(dim=2))  # (N, 2048)
+        y = F.relu(bn(b[1], pointwise(b[0], x)))
+        y = F.relu(bn(b[4], left_pad_pair(b[3].conv, y)))
+        y = bn(b[7], pointwise(b[6], y))
+        short = x if isinstance(blk.shortcut, torch.nn.Identity) else bn(blk.shortcut[1], pointwise(blk.shortcut[0], x))
+        x = F.relu(y + short)  # (N, L / stride, C)
+    return model.fc(x.amax(dim=1) if model.pool == "max" else x.mean(dim=1))  # (N, 2048)
 
 
 def model_features(model: TextCNN, tokens: torch.Tensor) -> torch.Tensor:
-    """The same quantity from the model as it is (layout nlc): the input of the head's BatchNorm."""
+    """The same quantity from the model as it is (layout ncl): the input of the head's BatchNorm."""
     got: list[torch.Tensor] = []
     handle = model.fc.register_forward_hook(lambda m, i, o: got.append(o))
     try:
@@ -74,7 +92,7 @@ def measure(width: float, batch: int, candidates: int, max_len: int, repeats: in
     train_tokens = torch.randint(1, 20001, (batch, max_len), device=dev)
     pool_tokens = torch.randint(1, 20001, (candidates, max_len), device=dev)
     proj = torch.randn(batch, model.fc.out_features, device=dev)
-    layouts = {"nlc": lambda t: model_features(model, t), "ncl": lambda t: conv1d_features(model, t)}
+    layouts = {"ncl": lambda t: model_features(model, t), "nlc": lambda t: rows_features(model, t)}
 
     def train_step(fn):
         def run() -> None:
@@ -135,9 +153,9 @@ def main() -> None:
                    "feature rel. diff"], rows, "rrrlrrrrr")
     notes = [f"Text CNN res50, max_len {args.max_len}, vocabulary 20,000, dropout off, fp32"
              f"{' with TF32, cuDNN benchmark' if cuda else ''}; means over {repeats} calls after 3 "
-             f"warm-up calls. nlc = models/text_cnn.py as it is; ncl = the same parameters through F.conv1d over "
-             f"(N, C, L) (conv1d_features), the implementation before 2026-12-05."]
-    title = f"text CNN, (N, L, C) products vs (N, C, L) convolutions, {dev.type}"
+             f"warm-up calls. ncl = models/text_cnn.py as it is (nn.Conv1d over (N, C, L)); nlc = the candidate, "
+             f"the same parameters as matrix products over (N, L, C) rows (rows_features)."]
+    title = f"text CNN, (N, C, L) convolutions (the model) vs (N, L, C) products (candidate), {dev.type}"
     report(args, HEADING, title, notes, lines)
 
 

@@ -15,13 +15,6 @@ position, followed by BatchNorm over 300 channels and no ReLU (decision 11). The
 Global max pooling over positions (decision 1; ``pool="avg"`` is the paper figure's variant), then FC 2048->2048
 (no bias) + BN: the **test-time text feature** (pre-ReLU, decision 3) -> ReLU: the **ranking feature** -> dropout ->
 the shared classifier W (in ``dual_path.py``).
-
-Layout: activations are (N, L, C), channels last, as the word embedding produces them. Every convolution is then one
-matrix product over the N x L position rows (a 1x1 convolution multiplies by its (Cout, Cin) kernel; the 1x2
-convolution by its (Cout, 2 Cin) kernel over each position's pair of inputs) and each BatchNorm normalises those rows
-per channel: the same function as ``nn.Conv1d`` over (N, C, L) (tests/test_text_cnn.py, in float64), without
-transposes; bench/text_layout.py times the two (BENCHMARKS.md section 13). The parameters are still ``nn.Conv1d``'s,
-so names and shapes, hence checkpoints and the MatConvNet converter, are unchanged.
 """
 from __future__ import annotations
 
@@ -51,68 +44,41 @@ def init_new_conv_(weight: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         return weight.uniform_(-bound, bound)
 
 
-def position_bn(bn: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """BatchNorm over the batch and every position: (N, L, C) normalised as N x L rows of C channels (any
-    BatchNorm module, including the ones DDP swaps in for global statistics)."""
-    return bn(x.reshape(-1, x.shape[-1])).view(x.shape)
-
-
 class LeftPadConv(nn.Module):
-    """A 1x2 convolution along the sentence, zero-padded one position on the left only: output t sees t-1 and t
-    (with stride s, output o sees s*o - 1 and s*o)."""
+    """A 1x2 convolution along the sentence, zero-padded one position on the left only: output t sees t-1 and t."""
 
     def __init__(self, channels: int, stride: int) -> None:
         super().__init__()
-        self.conv = nn.Conv1d(channels, channels, kernel_size=2, stride=stride, bias=False)  # (C, C, 2) parameters
+        self.conv = nn.Conv1d(channels, channels, kernel_size=2, stride=stride, bias=False)
         init_new_conv_(self.conv.weight)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, L, C) -> (N, L / stride, C)
-        n, _, c = x.shape
-        pairs = F.pad(x, (0, 0, 1, 0)).unfold(1, 2, self.conv.stride[0])  # (N, L/s, C, 2): inputs (s*o - 1, s*o)
-        # flattened (C, 2) in the order of the kernel's (Cin, 2): tap 0 meets position s*o - 1, tap 1 s*o
-        return F.linear(pairs.reshape(n, -1, 2 * c), self.conv.weight.reshape(self.conv.out_channels, 2 * c))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, C, L) -> (N, C, L / stride)
+        return self.conv(F.pad(x, (1, 0)))
 
 
-class PointwiseConv(nn.Conv1d):
-    """A 1x1 convolution (no bias) on (N, L, C): stride s keeps positions 0, s, 2s, ... (the projection shortcut)."""
-
-    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
-        super().__init__(cin, cout, kernel_size=1, stride=stride, bias=False)
-        init_new_conv_(self.weight)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, L, cin) -> (N, L / stride, cout)
-        s = self.stride[0]
-        return F.linear(x[:, ::s] if s > 1 else x, self.weight[:, :, 0])
+def conv1x1(cin: int, cout: int, stride: int = 1) -> nn.Conv1d:
+    conv = nn.Conv1d(cin, cout, kernel_size=1, stride=stride, bias=False)
+    init_new_conv_(conv.weight)
+    return conv
 
 
 class Bottleneck(nn.Module):
-    """1x1 -> BN -> ReLU -> 1x2 (stride s) -> BN -> ReLU -> 1x1 -> BN, plus shortcut, sum, ReLU. ``branch`` and
-    ``shortcut`` list the layers in order (their indices are the state-dict names); ``forward`` runs them on
-    (N, L, C) activations."""
+    """1x1 -> BN -> ReLU -> 1x2 (stride s) -> BN -> ReLU -> 1x1 -> BN, plus shortcut, sum, ReLU."""
 
     def __init__(self, block: spec.Block) -> None:
         super().__init__()
         cin, mid, cout, stride = block.cin, block.mid, block.cout, block.stride
-        self.branch = nn.ModuleList([
-            PointwiseConv(cin, mid), new_bn(mid), nn.ReLU(inplace=True),
+        self.branch = nn.Sequential(
+            conv1x1(cin, mid), new_bn(mid), nn.ReLU(inplace=True),
             LeftPadConv(mid, stride), new_bn(mid), nn.ReLU(inplace=True),
-            PointwiseConv(mid, cout), new_bn(cout),
-        ])
+            conv1x1(mid, cout), new_bn(cout),
+        )
         # Projection shortcut (1x1, stride s: samples positions 0, 2, ...) in the first block of a stage.
-        self.shortcut = (nn.ModuleList([PointwiseConv(cin, cout, stride), new_bn(cout)]) if block.projection
-                         else None)
+        self.shortcut = (nn.Sequential(conv1x1(cin, cout, stride), new_bn(cout)) if block.projection
+                         else nn.Identity())
 
-    def main_path(self, x: torch.Tensor) -> torch.Tensor:  # (N, L, cin) -> (N, L / stride, cout)
-        b = self.branch
-        y = b[2](position_bn(b[1], b[0](x)))
-        y = b[5](position_bn(b[4], b[3](y)))
-        return position_bn(b[7], b[6](y))
-
-    def shortcut_path(self, x: torch.Tensor) -> torch.Tensor:  # (N, L, cin) -> (N, L / stride, cout)
-        return x if self.shortcut is None else position_bn(self.shortcut[1], self.shortcut[0](x))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, L, cin) -> (N, L / stride, cout)
-        return F.relu(self.main_path(x) + self.shortcut_path(x))
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (N, cin, L) -> (N, cout, L / stride)
+        return F.relu(self.branch(x) + self.shortcut(x))
 
 
 class TextCNN(nn.Module):
@@ -161,9 +127,9 @@ class TextCNN(nn.Module):
     def _features(self, tokens: torch.Tensor, blocks: Callable[[torch.Tensor], torch.Tensor]
                   ) -> dict[str, torch.Tensor]:
         x = self.embed(tokens) + self.embed_bias  # (N, L, 300)
-        x = position_bn(self.embed_bn, x)  # (N, L, 300)
-        x = blocks(x)  # (N, L/4, 2048)
-        x = x.amax(dim=1) if self.pool == "max" else x.mean(dim=1)  # (N, 2048)
+        x = self.embed_bn(x.transpose(1, 2))  # (N, 300, L)
+        x = blocks(x)  # (N, 2048, L/4)
+        x = x.amax(dim=2) if self.pool == "max" else x.mean(dim=2)  # (N, 2048)
         feature = self.fc_bn(self.fc(x))  # (N, 2048) test-time text feature
         rank = F.relu(feature)  # (N, 2048) ranking feature (L2-normalised in the loss)
         return {"feature": feature, "rank": rank, "logit_input": self.dropout(rank)}

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from models import TextCNN, all_shifts, shift_tokens
@@ -16,7 +15,7 @@ from models import TextCNN, all_shifts, shift_tokens
 BENCH = str(Path(__file__).resolve().parents[1] / "bench")
 if BENCH not in sys.path:
     sys.path.append(BENCH)  # bench/ scripts import their neighbours by name
-import text_layout  # noqa: E402  (bench/text_layout.py: the (N, C, L) convolution form of the same network)
+import text_layout  # noqa: E402  (bench/text_layout.py: a candidate (N, L, C) layout of the same network)
 
 V = 40  # a tiny vocabulary; word indices 1..V, 0 = padding
 
@@ -76,9 +75,8 @@ def test_shapes_at_every_stage(max_len: int, text32: TextCNN) -> None:
     out = model(tokens)
     for h in hooks:
         h.remove()
-    # (N, L, C) activations; the BatchNorms see them as N x L rows
-    assert seen == {"embed": (n * length, 300), "res2": (n, length, 256), "res3": (n, length // 2, 512),
-                    "res4": (n, length // 4, 1024), "res5": (n, length // 4, 2048)}
+    assert seen == {"embed": (n, 300, length), "res2": (n, 256, length), "res3": (n, 512, length // 2),
+                    "res4": (n, 1024, length // 4), "res5": (n, 2048, length // 4)}
     assert tuple(pooled[0].shape) == (n, 2048)
     assert set(out) == {"feature", "rank", "logit_input"}
     for key in out:
@@ -133,7 +131,7 @@ def test_parameter_count_matches_the_spec_table() -> None:
 
 def test_bottleneck_widths_per_stage(text32: TextCNN) -> None:
     got = [(b.branch[0].in_channels, b.branch[0].out_channels, b.branch[6].out_channels,
-            b.shortcut is not None) for b in text32.blocks]
+            not isinstance(b.shortcut, nn.Identity)) for b in text32.blocks]
     expected = ([(300, 128, 256, True)] + [(256, 64, 256, False)] * 2
                 + [(256, 512, 512, True)] + [(512, 128, 512, False)] * 3
                 + [(512, 1024, 1024, True)] + [(1024, 256, 1024, False)] * 5
@@ -171,13 +169,13 @@ def test_left_padding_is_causal(text32: TextCNN) -> None:
     res2, final = _res2_and_final(text32, torch.cat(rows))  # eval mode: rows are independent
     tiny = 1e-5  # "unchanged" (rows of one batch may differ in the last bit); real changes are >> 1e-3
     for k, t in enumerate(ts, start=1):
-        diff2 = (res2[k] - res2[0]).abs().amax(dim=1)  # (32,) over channels
+        diff2 = (res2[k] - res2[0]).abs().amax(dim=0)  # (32,)
         assert torch.all(diff2[:t] < tiny), f"word {t} changed earlier outputs (not left-padded only)"
         assert diff2[t] > 1e-3, f"changing the word at {t} did not change the output at {t}"
         # RES2 output t sees words t-3..t only (three 1x2 convs), never later ones
         assert torch.all(diff2[t + 4:] < tiny)
         # after the two stride-2 stages, output o (at L/4) depends on inputs <= 4o only
-        difff = (final[k] - final[0]).abs().amax(dim=1)  # (8,)
+        difff = (final[k] - final[0]).abs().amax(dim=0)  # (8,)
         early = [o for o in range(8) if 4 * o < t]
         assert torch.all(difff[early] < tiny)
         if t <= 13:
@@ -204,36 +202,33 @@ def test_last_three_positions_never_reach_the_feature(text32: TextCNN) -> None:
 def test_left_pad_conv_matches_explicit_formula(text32: TextCNN) -> None:
     lp = text32.blocks[3].branch[3]  # the stride-2 1x2 conv of the first RES3 block
     w = lp.conv.weight  # (C, C, 2)
-    x = torch.randn(2, 16, w.shape[1])  # (N, L, C)
+    x = torch.randn(2, w.shape[1], 16)
     y = lp(x)
-    assert y.shape == (2, 8, w.shape[0])
+    assert y.shape == (2, w.shape[0], 8)
     for o in range(8):
-        left = x[:, 2 * o - 1] if 2 * o - 1 >= 0 else torch.zeros_like(x[:, 0])
-        ref = left @ w[:, :, 0].T + x[:, 2 * o] @ w[:, :, 1].T
-        assert torch.allclose(y[:, o], ref, atol=1e-4)
-    # and the same as nn.Conv1d over (N, C, L) with the left zero-padding (the layout the parameters come from)
-    ref = lp.conv(F.pad(x.transpose(1, 2), (1, 0))).transpose(1, 2)
-    assert torch.allclose(y, ref, atol=1e-5)
+        left = x[:, :, 2 * o - 1] if 2 * o - 1 >= 0 else torch.zeros_like(x[:, :, 0])
+        ref = left @ w[:, :, 0].T + x[:, :, 2 * o] @ w[:, :, 1].T
+        assert torch.allclose(y[:, :, o], ref, atol=1e-4)
 
 
 @pytest.mark.parametrize("training", [False, True])
-def test_channels_last_layout_computes_conv1d_over_ncl(text32: TextCNN, training: bool) -> None:
-    """The (N, L, C) matrix-product layout against the (N, C, L) convolutions (bench/text_layout.py's
-    ``conv1d_features``: ``F.conv1d`` with the left zero-padding, BatchNorm over (N, C, L)), in float64, where
-    rounding cannot hide a wrong tap, stride or BatchNorm axis: the same features and the same gradient for every
-    parameter, with batch statistics (training) and running ones (eval)."""
+def test_rows_layout_candidate_is_the_same_function(text32: TextCNN, training: bool) -> None:
+    """bench/text_layout.py times a candidate layout for the text CNN: (N, L, C) rows, every convolution one matrix
+    product (``rows_features``). Against the model, in float64, where rounding cannot hide a wrong tap, stride or
+    BatchNorm axis: the same features and the same gradient for every parameter, with batch statistics (training)
+    and running ones (eval). (A candidate padded on the right instead of the left fails this.)"""
     model = copy.deepcopy(text32).double().train(training)
     tokens = words(6, 32, seed=7)
     tokens[2, 9:] = 0
     ours = text_layout.model_features(model, tokens)  # (N, 2048): the input of the head's BN
-    ref = text_layout.conv1d_features(model, tokens)  # F.conv1d over (N, C, L), the same parameters
-    g = torch.randn(ref.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    grads = [torch.autograd.grad((out * g).sum(), list(model.parameters()), allow_unused=True) for out in (ours, ref)]
-    assert torch.allclose(ours, ref, rtol=1e-10, atol=1e-10)
+    cand = text_layout.rows_features(model, tokens)
+    g = torch.randn(ours.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    grads = [torch.autograd.grad((out * g).sum(), list(model.parameters()), allow_unused=True) for out in (ours, cand)]
+    assert torch.allclose(cand, ours, rtol=1e-10, atol=1e-10)
     for (name, _), a, b in zip(model.named_parameters(), *grads):
         assert (a is None) == (b is None), name
         if a is not None:  # (in training mode the embedding bias's and its BN's beta's are 0 up to ~1e-12)
-            assert (a - b).norm() <= 1e-9 * b.norm() + 1e-9, name
+            assert (b - a).norm() <= 1e-9 * a.norm() + 1e-9, name
     names = [n for n, _ in model.named_parameters()]
     assert grads[0][names.index("embed.weight")].norm() > 1, "a zero gradient would make this test vacuous"
 
@@ -242,15 +237,15 @@ def test_stride2_block_dependencies(text32: TextCNN) -> None:
     """Spec 5: output o of a stride-2 block sees inputs 2o-1 and 2o in the main path; the shortcut samples 2o."""
     block = text32.blocks[3]
     length = 16
-    x = torch.randn(1, length, 256)  # (N, L, C)
+    x = torch.randn(1, 256, length)
     with torch.no_grad():
-        assert block(x).shape == (1, length // 2, 512)
-        base_main, base_short = block.main_path(x), block.shortcut_path(x)
+        assert block(x).shape == (1, 512, length // 2)
+        base_main, base_short = block.branch(x), block.shortcut(x)
         for p in range(length):
             x2 = x.clone()
-            x2[:, p] += torch.randn(256)
-            main = (block.main_path(x2) - base_main).abs().amax(dim=2)[0]
-            short = (block.shortcut_path(x2) - base_short).abs().amax(dim=2)[0]
+            x2[:, :, p] += torch.randn(256)
+            main = (block.branch(x2) - base_main).abs().amax(dim=1)[0]
+            short = (block.shortcut(x2) - base_short).abs().amax(dim=1)[0]
             assert {o for o in range(length // 2) if main[o] > 1e-5} == \
                    {o for o in range(length // 2) if p in (2 * o - 1, 2 * o)}, p
             assert {o for o in range(length // 2) if short[o] > 1e-5} == \
@@ -275,7 +270,7 @@ def test_padding_row_gets_no_gradient(text8: TextCNN) -> None:
     model = copy.deepcopy(text8).train()
     tokens = words(4, 8)
     tokens[:, 3:] = 0
-    got: list[torch.Tensor] = []  # backward from the (N x L, 300) embedding-stage output keeps the test fast
+    got: list[torch.Tensor] = []  # backward from the (N, 300, L) embedding-stage output keeps the test fast
     h = model.embed_bn.register_forward_hook(lambda m, i, o: got.append(o))
     model(tokens)
     h.remove()
@@ -295,13 +290,13 @@ def test_embedding_bias_is_added_at_padding_positions_too(text32: TextCNN) -> No
     with torch.no_grad():
         text32(tokens)
     h.remove()
-    emb = got[0].view(2, 32, 300)  # the BN's N x L rows: W[word] + b at every position
+    emb = got[0]  # (N, 300, L) = W[word] + b at every position
     b = text32.embed_bias
     assert b.abs().sum() > 0
     for pos in range(32):
-        assert torch.equal(emb[0, pos], b)
+        assert torch.equal(emb[0, :, pos], b)
         expected = text32.embed.weight[7] + b if pos == 4 else b
-        assert torch.allclose(emb[1, pos], expected)
+        assert torch.allclose(emb[1, :, pos], expected)
     assert emb[0].abs().sum() > 0  # all-padding caption: non-zero embedding output
 
 
@@ -317,14 +312,14 @@ def test_max_pooling_is_default_and_avg_differs(text32: TextCNN) -> None:
     assert text32.pool == "max"
     tokens = words(3, 32, seed=5)
     tokens[0, 10:] = 0
-    _, final = _res2_and_final(text32, tokens)  # (3, 8, 2048)
+    _, final = _res2_and_final(text32, tokens)  # (3, 2048, 8)
     with torch.no_grad():
         feat_max = text32(tokens)["feature"]
-        ref_max = _head_by_hand(text32, torch.stack([final[:, o] for o in range(8)], 2).max(2).values)
+        ref_max = _head_by_hand(text32, torch.stack([final[:, :, o] for o in range(8)], 2).max(2).values)
         avg = TextCNN(V, max_len=32, pool="avg").eval()
         avg.load_state_dict(text32.state_dict())
         feat_avg = avg(tokens)["feature"]
-        ref_avg = _head_by_hand(text32, sum(final[:, o] for o in range(8)) / 8)
+        ref_avg = _head_by_hand(text32, sum(final[:, :, o] for o in range(8)) / 8)
     assert torch.allclose(feat_max, ref_max, atol=1e-4)
     assert torch.allclose(feat_avg, ref_avg, atol=1e-4)
     assert (feat_max - feat_avg).abs().max() > 1e-2
