@@ -261,16 +261,19 @@ def main() -> None:
         if args.one_step:
             report_one_step(args, data, ckpt1, overrides, Path(tmp))
             return
-        modes = [("eager", "off", 0.0), ("eager again", "off", 0.0)]  # (name, compile, relative weight noise)
-        modes += [] if args.no_captured else [("captured", "cuda_graph", 0.0)]
-        modes += [("eager + streams", "off", 0.0)] if args.branch_streams else []
-        modes += [("captured + streams", "cuda_graph", 0.0)] if args.branch_streams and not args.no_captured else []
-        modes += [(f"eager, weights x (1 + {args.perturb:.2g} N(0,1))", "off", args.perturb)] if args.perturb else []
-        modes += [("captured + inductor", "inductor", 0.0)] if args.inductor else []
-        for name, mode, noise in modes:
+        # (name, compile, relative weight noise, branch_streams)
+        modes = [("eager", "off", 0.0, False), ("eager again", "off", 0.0, False)]
+        modes += [] if args.no_captured else [("captured", "cuda_graph", 0.0, False)]
+        modes += [("eager + streams", "off", 0.0, True)] if args.branch_streams else []
+        modes += ([("captured + streams", "cuda_graph", 0.0, True)] if args.branch_streams and not args.no_captured
+                  else [])
+        modes += ([(f"eager, weights x (1 + {args.perturb:.2g} N(0,1))", "off", args.perturb, False)] if args.perturb
+                  else [])
+        modes += [("captured + inductor", "inductor", 0.0, False)] if args.inductor else []
+        for name, mode, noise, streams in modes:
             runs[name] = train(args.config, data, Path(tmp) / f"run{len(runs)}", ckpt1,
-                               {**overrides, "compile": mode if cuda else "off",
-                                "branch_streams": name.endswith("+ streams")}, args.steps, args.weights_at,
+                               {**overrides, "compile": mode if cuda else "off", "branch_streams": streams},
+                               args.steps, args.weights_at,
                                emulate=mode == "cuda_graph" and not cuda,  # CPU: the tests' emulated graph
                                relative_noise=noise)
             print(f"{name}: last loss/total {runs[name][0][-1]['loss/total']:.4f}", flush=True)

@@ -37,18 +37,18 @@ if TYPE_CHECKING:
 HEADING = "## 13. Text CNN layout: (N, C, L) convolutions vs (N, L, C) matrix products"
 
 
-def rows_features(model: TextCNN, tokens: torch.Tensor, update_stats: bool = False) -> torch.Tensor:
+def rows_features(model: TextCNN, tokens: torch.Tensor) -> torch.Tensor:
     """The text CNN on (N, L, C) rows with the model's parameters: each 1x1 convolution multiplies the rows by its
     (Cout, Cin) kernel, the 1x2 convolution (left zero-padding, stride s) each position's pair of inputs by its
     (Cout, 2 Cin) kernel, each BatchNorm normalises the N x L rows. Returns the feature before the head's BatchNorm,
-    (N, 2048). BatchNorm uses batch statistics in training mode (running statistics are updated only with
-    ``update_stats``) and the running ones in eval mode."""
+    (N, 2048). BatchNorm as the model's modules do it: batch statistics in training mode (the running ones updated
+    in place), the running ones in eval mode."""
     import torch
     import torch.nn.functional as F
 
     def bn(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:  # (N, L, C): per channel over the N x L rows
-        mean, var = (m.running_mean, m.running_var) if update_stats else (m.running_mean.clone(), m.running_var.clone())
-        rows = F.batch_norm(x.reshape(-1, x.shape[-1]), mean, var, m.weight, m.bias, model.training, m.momentum, m.eps)
+        rows = F.batch_norm(x.reshape(-1, x.shape[-1]), m.running_mean, m.running_var, m.weight, m.bias,
+                            model.training, m.momentum, m.eps)
         return rows.view(x.shape)
 
     def pointwise(conv: torch.nn.Conv1d, x: torch.Tensor) -> torch.Tensor:  # stride s keeps positions 0, s, ...

@@ -57,6 +57,7 @@ class DualPath(nn.Module):
                        txt_logits=self.classifier(txt["logit_input"]))  # (B, N)
         return out
 
+
 def build_model(*, num_classes: int, vocab_size: int, max_len: int, word2vec: torch.Tensor | None,
                 arch: str = "resnet50", pretrained: str = "imagenet", dropout: float = 0.75,
                 classifier_bias: bool = True, text_pool: str = "max", text_depth: str = "res50",
